@@ -1,0 +1,157 @@
+"""Host glue for the `open_clip` library: the only place that touches OpenCLIP's model-factory internals.
+
+What it does, and why each step needs OpenCLIP internals (OpenCLIP 3.3 has no plugin registry for these):
+- model configs go into `factory._MODEL_CONFIGS` (public `add_model_config` would re-read our JSON files from
+  disk and lose the bundled tokenizer path);
+- `hf_model.AutoConfig` / `hf_model.AutoModel` are wrapped so hub text towers named by our configs resolve to the
+  bundled config (offline, random init) unless the user asks for hub weights;
+- `factory.load_checkpoint` is wrapped so official MedCLIP checkpoints (`pytorch_model.bin` or the released zip)
+  convert on load, and load errors name the file and list the keys;
+- `factory.set_model_preprocess_cfg` is wrapped so MedCLIP models get MedCLIP preprocessing instead of the OpenAI
+  defaults when nothing more specific was asked for;
+- pretrained tags for the official weights go into `pretrained._PRETRAINED`;
+- BERT's `arch_dict` entry gains the layer names that `--lock-text-unlocked-layers` needs.
+The pooler uses the public `register_pooler`, and hidden states are switched on with a torch module-registration
+hook (no OpenCLIP symbol involved). Every patched attribute is checked at import; a missing one fails loudly.
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import open_clip
+import torch
+from open_clip import factory, hf_model, pretrained
+
+from open_clip_medclip import models
+
+_REQUIRED = {
+    factory: ("_MODEL_CONFIGS", "load_checkpoint", "set_model_preprocess_cfg", "create_model", "get_model_config"),
+    hf_model: ("AutoConfig", "AutoModel", "register_pooler", "_POOLERS", "HFTextEncoder", "arch_dict"),
+    pretrained: ("_PRETRAINED",),
+}
+
+
+class HostMismatchError(RuntimeError):
+    """OpenCLIP changed in a way this plugin was not built for."""
+
+
+def check_host() -> None:
+    """Fail loudly, naming the attribute, if an OpenCLIP internal we patch has gone."""
+    missing = [f"{mod.__name__}.{attr}" for mod, attrs in _REQUIRED.items() for attr in attrs if not hasattr(mod, attr)]
+    if missing:
+        raise HostMismatchError(
+            f"open_clip_medclip supports open_clip_torch 3.3.x; this open_clip ({open_clip.__version__}) lacks "
+            f"{', '.join(missing)}. Install 'open_clip_torch>=3.3,<3.4'."
+        )
+
+
+check_host()
+
+log = logging.getLogger("open_clip_medclip")
+
+OFFICIAL_WEIGHT_URLS = {
+    # Pointers in the authors' repo (medclip/medclip_{vit,resnet}_weight.txt); zips hold pytorch_model.bin.
+    "medclip-swin": "https://storage.googleapis.com/pytrial/medclip-vit-pretrained.zip",
+    "medclip-resnet50": "https://storage.googleapis.com/pytrial/medclip-pretrained.zip",
+}
+
+
+class _BundledTowerResolver:
+    """Stands in for transformers' AutoConfig/AutoModel inside `open_clip.hf_model` only.
+
+    Names listed in `models.BUNDLED_TEXT_TOWERS` resolve to the bundled folder; a bundled folder has a config and
+    no weights, so `from_pretrained` builds the model from config (random init) and says so.
+    """
+
+    def __init__(self, auto_cls, builds_model: bool):
+        self._auto = auto_cls
+        self._builds_model = builds_model
+
+    def from_pretrained(self, name_or_path, *args, **kwargs):
+        folder = models.bundled_text_tower(str(name_or_path))
+        if folder is None:
+            return self._auto.from_pretrained(name_or_path, *args, **kwargs)
+        if not self._builds_model:
+            return self._auto.from_pretrained(str(folder), *args, **kwargs)
+        if str(name_or_path) == models.BIO_CLINICALBERT_HUB_ID:
+            log.warning(
+                "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
+                name_or_path, models.TEXT_WEIGHTS_ENV,
+            )
+        config = _ORIGINAL.AutoConfig.from_pretrained(str(folder))
+        return self._auto.from_config(config, **kwargs)
+
+    def __getattr__(self, item):
+        return getattr(self._auto, item)
+
+
+def _enable_hidden_states(module: torch.nn.Module, name: str, submodule: torch.nn.Module):
+    """Module-registration hook: a MedCLIP pooler set on an HFTextEncoder needs the transformer's hidden states."""
+    if name == "pooler" and isinstance(submodule, models.MedclipPooler) and hasattr(module, "transformer"):
+        module.transformer.config.output_hidden_states = True
+    return None
+
+
+def is_medclip_model(model: torch.nn.Module) -> bool:
+    text = getattr(model, "text", None)
+    return isinstance(getattr(text, "pooler", None), models.MedclipPooler)
+
+
+def _is_default(value, default) -> bool:
+    return tuple(value) == tuple(default) if isinstance(value, (list, tuple)) else value == default
+
+
+def _set_model_preprocess_cfg(model, preprocess_cfg):
+    """MedCLIP models get MedCLIP mean/std/padding unless the caller or the weights' config chose otherwise."""
+    if is_medclip_model(model):
+        defaults = open_clip.transform.PreprocessCfg()
+        if _is_default(preprocess_cfg.get("mean"), defaults.mean) and _is_default(preprocess_cfg.get("std"), defaults.std):
+            preprocess_cfg = {**preprocess_cfg, **models.MEDCLIP_PREPROCESS_CFG}
+    return _ORIGINAL.set_model_preprocess_cfg(model, preprocess_cfg)
+
+
+def _load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device="cpu"):
+    """Convert official MedCLIP checkpoints on load; name the file in every load error for MedCLIP models."""
+    if not is_medclip_model(model):
+        return _ORIGINAL.load_checkpoint(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
+    from open_clip_medclip import weights
+
+    return weights.load_into_model(model, checkpoint_path, strict=strict)
+
+
+_ORIGINAL = SimpleNamespace()
+_INSTALLED = False
+
+
+def install() -> None:
+    """Register configs, poolers, tags and wrappers. Idempotent."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _ORIGINAL.AutoConfig = hf_model.AutoConfig
+    _ORIGINAL.AutoModel = hf_model.AutoModel
+    _ORIGINAL.load_checkpoint = factory.load_checkpoint
+    _ORIGINAL.set_model_preprocess_cfg = factory.set_model_preprocess_cfg
+
+    hf_model.register_pooler(models.MedclipPooler)
+    hf_model.register_pooler(models.MedclipMaskedPooler)
+    for key in ("medclip_pooler", "medclip_masked_pooler"):
+        if key not in hf_model._POOLERS:
+            raise HostMismatchError(f"open_clip.hf_model.register_pooler did not register {key!r}")
+    torch.nn.modules.module.register_module_module_registration_hook(_enable_hidden_states)
+
+    hf_model.AutoConfig = _BundledTowerResolver(_ORIGINAL.AutoConfig, builds_model=False)
+    hf_model.AutoModel = _BundledTowerResolver(_ORIGINAL.AutoModel, builds_model=True)
+    factory.load_checkpoint = _load_checkpoint
+    factory.set_model_preprocess_cfg = _set_model_preprocess_cfg
+
+    factory._MODEL_CONFIGS.update(models.medclip_model_configs())
+    for name, url in OFFICIAL_WEIGHT_URLS.items():
+        pretrained._PRETRAINED.setdefault(name, {})["medclip"] = {"url": url, **models.MEDCLIP_PREPROCESS_CFG}
+
+    bert = hf_model.arch_dict.get("bert")
+    if bert is not None:
+        bert["config_names"].setdefault("layer_attr", "layer")
+        bert["config_names"].setdefault("token_embeddings_attr", "embeddings")
+    _INSTALLED = True

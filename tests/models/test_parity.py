@@ -1,0 +1,70 @@
+"""Parity with the authors' code: their random-weight model, saved as they save it, loaded through our converter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import open_clip_medclip  # noqa: F401
+from open_clip_medclip.models import BUNDLED_TOKENIZER_DIR
+
+REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "reference" / "make_reference_outputs.py"
+TOLERANCE = 1e-5
+SENTENCES = [
+    "Heart size normal and lungs are clear.",
+    "Left pleural effusion with adjacent atelectasis. Right effusion is also present.",
+    "Minimal patchy airspace disease within the lingula, may reflect atelectasis or consolidation.",
+    "No pneumothorax.",
+]
+
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(scope="module", params=[("swin", "medclip-swin"), ("resnet50", "medclip-resnet50")], ids=["swin", "resnet50"])
+def reference_run(request, medclip_reference, sample_dir, tmp_path_factory):
+    variant, model_name = request.param
+    out = tmp_path_factory.mktemp(f"reference-{variant}")
+    images = [sample_dir / "nih_cxr14/images/00000061_015.jpg", sample_dir / "kermany_pediatric/images/normal/IM-0115-0001.jpg"]
+    medclip_reference(REFERENCE_SCRIPT, variant, out, BUNDLED_TOKENIZER_DIR, *images)
+    return model_name, out, images, torch.load(out / "reference_outputs.pt", weights_only=True)
+
+
+def test_embeddings_and_logits_match_reference(reference_run):
+    model_name, out, _, ref = reference_run
+    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(out / "pytorch_model.bin"))
+    model.eval()
+    pixels = ref["pixel_values"].repeat(1, 3, 1, 1)  # the reference repeats 1-channel input inside forward
+    with torch.no_grad():
+        image = model.encode_image(pixels, normalize=True)
+        text = model.encode_text(ref["input_ids"], normalize=True)
+        logits = model.logit_scale.exp() * image @ text.T
+    diffs = {
+        "image": (image - ref["img_embeds"]).abs().max().item(),
+        "text": (text - ref["text_embeds"]).abs().max().item(),
+        "logits": (logits - ref["logits"]).abs().max().item(),
+    }
+    print(f"\n{model_name} parity max |diff|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert all(v <= TOLERANCE for v in diffs.values()), diffs
+    assert image.shape == (2, 512) and text.shape == (len(SENTENCES), 512)
+
+
+def test_tokenizer_ids_match_reference(reference_run):
+    model_name, _, _, ref = reference_run
+    ids = open_clip.get_tokenizer(model_name)(SENTENCES)
+    assert torch.equal(ids, ref["input_ids"])
+
+
+def test_preprocessing_matches_reference_processor(reference_run):
+    from PIL import Image
+
+    model_name, _, images, ref = reference_run
+    exact = torch.stack([open_clip_medclip.medclip_image_transform()(Image.open(p)) for p in images])
+    _, _, val_transform = open_clip.create_model_and_transforms(model_name)
+    native = torch.stack([val_transform(Image.open(p)) for p in images])
+    exact_diff = (exact[:, :1] - ref["pixel_values"]).abs().max().item()
+    native_diff = (native[:, :1] - ref["pixel_values"]).abs().max().item()
+    print(f"\npreprocessing max |diff| vs MedCLIPProcessor: exact {exact_diff:.2e}, open_clip 'longest' {native_diff:.2e}")
+    assert exact_diff <= TOLERANCE
+    assert torch.equal(exact[:, 0], exact[:, 2])  # grayscale replicated
