@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -64,7 +64,7 @@ def bundled_text_tower(name: str) -> Path | None:
     return folder
 
 
-@lru_cache(maxsize=None)
+@cache
 def _raw_model_configs() -> dict[str, dict]:
     configs = {}
     for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):

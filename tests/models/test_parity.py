@@ -68,3 +68,23 @@ def test_preprocessing_matches_reference_processor(reference_run):
     print(f"\npreprocessing max |diff| vs MedCLIPProcessor: exact {exact_diff:.2e}, open_clip 'longest' {native_diff:.2e}")
     assert exact_diff <= TOLERANCE
     assert torch.equal(exact[:, 0], exact[:, 2])  # grayscale replicated
+
+
+def test_convert_to_local_dir_keeps_parity(reference_run, tmp_path):
+    from open_clip_medclip.cli import main as medclip_main
+    from open_clip_medclip.weights import describe_checkpoint
+
+    model_name, out, _, ref = reference_run
+    info = describe_checkpoint(out / "pytorch_model.bin")
+    assert info.num_tensors == (434 if model_name == "medclip-swin" else 521)  # medclip_reference.md §6.2
+    local_dir = tmp_path / "local"
+    assert medclip_main(["convert", str(out / "pytorch_model.bin"), "--out", str(local_dir)]) == 0  # model detected
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{local_dir}")
+    model.eval()
+    tokens = open_clip.get_tokenizer(f"local-dir:{local_dir}")(SENTENCES)
+    assert torch.equal(tokens, ref["input_ids"])
+    with torch.no_grad():
+        image = model.encode_image(ref["pixel_values"].repeat(1, 3, 1, 1), normalize=True)
+        text = model.encode_text(tokens, normalize=True)
+    assert (image - ref["img_embeds"]).abs().max().item() <= TOLERANCE
+    assert (text - ref["text_embeds"]).abs().max().item() <= TOLERANCE
