@@ -108,12 +108,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors" or (len(head) == 8 and head[:1] != b"P" and _looks_like_safetensors(path, head)):
-        from safetensors import SafetensorsError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path)), "safetensors"
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except Exception as exc:  # safetensors raises its own error type for malformed files
             raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
     if head[:2] == b"PK":
         try:
@@ -158,7 +157,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
     if "vision_model.model.embeddings.patch_embeddings.projection.weight" in state_dict:
         return OFFICIAL_SWIN
-    if "vision_model.model.conv1.weight" in state_dict:
+    if "vision_model.model.fc.weight" in state_dict:  # torchvision ResNet whose fc is MedCLIP's projection
         return OFFICIAL_RESNET
     if any(k.startswith("visual.") for k in state_dict) and any(k.startswith("text.") for k in state_dict):
         return OPEN_CLIP

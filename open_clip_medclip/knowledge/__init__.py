@@ -1,0 +1,29 @@
+"""Knowledge extraction: radiology report -> sections -> sentences -> 14 CheXpert labels (1 / 0 / -1 / blank).
+
+A rule-based labeler following the CheXpert labeler's conventions (mention phrases per finding, negation and
+uncertainty triggers with scope, aggregation positive > uncertain > negative, No Finding only when nothing but
+Support Devices is positive or uncertain), built as named, registered spaCy components (`medclip_sections`,
+`medclip_sentences`, `medclip_mentions`, `medclip_negation`, `medclip_uncertainty`, `medclip_scope`,
+`medclip_labels`) whose phrase lists are data files in `knowledge/rules/`. `Labeler.label_report` runs the same
+compiled matchers without building spaCy Docs, for thousands of reports per second on one core.
+
+    from open_clip_medclip.knowledge import Labeler, iter_reports
+    lab = Labeler()
+    result = lab.label_report("FINDINGS: No pneumothorax or effusion. IMPRESSION: Mild cardiomegaly.")
+    result.labels                  # 14 values in findings.CHEXPERT_FINDINGS order
+    [(s.text, s.labels) for s in result.sentences]
+
+Command line: `medclip label INPUT --out labels.csv` (see `knowledge/cli.py`).
+"""
+from open_clip_medclip.knowledge.labeler import (
+    LABELER_NAME,
+    LABELER_VERSION,
+    Labeler,
+    ReportLabels,
+    SentenceLabels,
+)
+from open_clip_medclip.knowledge.readers import iter_reports
+from open_clip_medclip.knowledge.rules import DEFAULT_RULES_DIR, rules_hash
+
+__all__ = ["Labeler", "ReportLabels", "SentenceLabels", "iter_reports", "rules_hash", "LABELER_NAME",
+           "LABELER_VERSION", "DEFAULT_RULES_DIR"]

@@ -1,0 +1,92 @@
+"""Image and text embeddings for evaluation, with corrupt images excluded and counted instead of crashing a run."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from open_clip_medclip.eval.suites import load_image
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP/FSDP-style wrappers (`.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def logit_scale(model: torch.nn.Module, default: float = 100.0) -> float:
+    """exp(logit_scale) of a CLIP model (the temperature its logits use), `default` when it has none."""
+    scale = getattr(unwrap(model), "logit_scale", None)
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else default
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(load_image(self.paths[index])), index, ""
+        except Exception as exc:  # a decoder error: the image is reported and left out, not fatal
+            return None, index, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    kept = [(tensor, index) for tensor, index, _ in batch if tensor is not None]
+    failed = [(index, error) for tensor, index, error in batch if tensor is None]
+    images = torch.stack([tensor for tensor, _ in kept]) if kept else None
+    return images, [index for _, index in kept], failed
+
+
+def _input_dtype(model: torch.nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        return param.dtype if param.is_floating_point() else torch.float32
+    return torch.float32
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, transform: Callable, paths: Sequence[Path], device: str | torch.device = "cpu",
+                 batch_size: int = 32, num_workers: int = 0, progress: bool = True,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """L2-normalised image embeddings; returns (features (k, d), kept positions (k,), failures [{index, error}])."""
+    from tqdm import tqdm
+
+    model = unwrap(model)
+    dtype = _input_dtype(model)
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_collate)
+    features, kept, failures = [], [], []
+    for images, indices, failed in tqdm(loader, desc="images", disable=not progress, unit="batch"):
+        failures += [{"index": index, "image": str(paths[index]), "error": error} for index, error in failed]
+        if images is None:
+            continue
+        with autocast() if autocast else contextlib.nullcontext():
+            output = model.encode_image(images.to(device=device, dtype=dtype))
+        features.append(F.normalize(output.float(), dim=-1).cpu().numpy())
+        kept += indices
+    width = features[0].shape[1] if features else 0
+    return (np.concatenate(features) if features else np.zeros((0, width), np.float32)), np.array(kept, np.int64), failures
+
+
+@torch.no_grad()
+def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], device: str | torch.device = "cpu",
+                batch_size: int = 128, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                ) -> np.ndarray:
+    """L2-normalised text embeddings (n, d), in the order of `texts`."""
+    model = unwrap(model)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start:start + batch_size]))
+        with autocast() if autocast else contextlib.nullcontext():
+            output = model.encode_text(tokens.to(device))
+        out.append(F.normalize(output.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

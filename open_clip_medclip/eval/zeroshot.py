@@ -1,0 +1,174 @@
+"""Zero-shot classification on a suite: per-class prompt ensembles, MedCLIP's and OpenCLIP's ensembling.
+
+Ensembling (reference §5.3): `logit` = MedCLIP's `PromptClassifier(ensemble=True)`, the mean over a class's
+prompts of scale x cos(image, prompt) = scale x image . mean(normalised prompt embeddings), *not*
+re-normalised; `embed` = OpenCLIP / CLIP_benchmark, the mean embedding re-normalised; `max` = MedCLIP's
+default `ensemble=False`. Multi-label suites use CheXzero-style positive/negative prompt pairs: P(finding) =
+softmax over (scale x cos(image, "{finding}"), scale x cos(image, "no {finding}")).
+
+`zero_shot_metrics(model, suite_or_dir, tokenizer, preprocess, device)` is the flat-dict entry point that
+training hooks call (master rank only; it unwraps DDP and restores the model's train/eval mode).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from open_clip_medclip.eval.embed import embed_images, embed_texts, logit_scale, unwrap
+from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics, multilabel_auc
+from open_clip_medclip.eval.prompts import chexzero_pairs, load_prompt_set, prompts_hash, sample_prompts, select_classes
+from open_clip_medclip.eval.suites import Suite, SuiteEntry, load_suite, suite_prompts
+
+ENSEMBLES = ("logit", "embed", "max")
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "auc")
+
+
+def class_scores(image_features: np.ndarray, prompt_features: Sequence[np.ndarray], ensemble: str = "logit",
+                 scale: float = 100.0) -> np.ndarray:
+    """(n, C) logits from normalised image features and each class's normalised prompt features."""
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {ENSEMBLES}")
+    columns = []
+    for feats in prompt_features:
+        if ensemble == "max":
+            columns.append((image_features @ feats.T).max(axis=1))
+            continue
+        mean = feats.mean(axis=0)
+        if ensemble == "embed":
+            mean = mean / np.linalg.norm(mean)
+        columns.append(image_features @ mean)
+    return scale * np.stack(columns, axis=1)
+
+
+def pair_probabilities(image_features: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+                       scale: float = 100.0) -> np.ndarray:
+    """(n, C) CheXzero probabilities: softmax over each finding's (positive, negative) prompt logits."""
+    pos = scale * image_features @ positive.T
+    neg = scale * image_features @ negative.T
+    return 1.0 / (1.0 + np.exp(neg - pos))
+
+
+@dataclass
+class ZeroShotResult:
+    """Metrics (JSON-able) plus what plots need: embeddings, targets and scores of the images kept."""
+
+    metrics: dict
+    features: np.ndarray
+    targets: np.ndarray
+    scores: np.ndarray
+    entries: list[SuiteEntry] = field(default_factory=list)
+
+
+def _resolve_prompts(suite: Suite, prompts: str | Mapping | None, per_class, seed: int) -> dict[str, list[str]]:
+    if isinstance(prompts, Mapping):
+        return select_classes(prompts, suite.classes, where="prompts")
+    if prompts:
+        spec = suite.definition.get("prompts") or {}
+        full = select_classes(load_prompt_set(prompts), suite.classes, spec.get("class_map"), where=f"prompt set {prompts!r}")
+        n = spec.get("per_class") if per_class == "default" else per_class
+        return sample_prompts(full, n, seed)
+    return suite_prompts(suite.definition, per_class=per_class, seed=seed)
+
+
+def run_zeroshot(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable, preprocess: Callable,
+                 device: str | torch.device = "cpu", *, prompts: str | Mapping | None = None,
+                 prompts_per_class: int | None | str = "default", prompt_seed: int | None = None,
+                 prompt_runs: int | None = None, ensemble: str | None = None, batch_size: int = 32,
+                 num_workers: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
+                 max_images: int | None = None, verify_hashes: bool = False, progress: bool = True,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> ZeroShotResult:
+    """Zero-shot metrics of `model` on the suite's test split (bootstrap CIs on the first prompt draw)."""
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    spec = suite.definition.get("prompts") or {}
+    ensemble = ensemble or suite.definition.get("ensemble", "logit")
+    seed = int(spec.get("seed", 42) if prompt_seed is None else prompt_seed)
+    runs = int(prompt_runs or spec.get("runs", 1) or 1)
+    entries = suite.split("test")
+    if max_images is not None:
+        entries = entries[:max_images]
+    if not entries:
+        raise ValueError(f"{suite.source}: the suite has no test images")
+    suite.check_images(entries, verify_hashes=verify_hashes)
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
+                                                batch_size, num_workers, progress, autocast)
+        scale = logit_scale(model)
+        if len(kept) == 0:
+            raise ValueError(f"{suite.source}: none of the {len(entries)} test images could be decoded")
+        kept_entries = [entries[i] for i in kept]
+        targets = suite.label_index(kept_entries)
+        if suite.multilabel:
+            pairs = chexzero_pairs(suite.classes)
+            pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device, autocast=autocast)
+            neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device, autocast=autocast)
+            scores = pair_probabilities(features, pos, neg, scale)
+            metrics = multilabel_auc(targets, scores, suite.classes, num_resamples, bootstrap_seed)
+            prompt_record: dict = {"pairs": {k: list(v) for k, v in pairs.items()}}
+            run_values: list[dict] = []
+        else:
+            draws = [_resolve_prompts(suite, prompts, prompts_per_class, seed + r) for r in range(runs)]
+            unique = sorted({t for draw in draws for texts in draw.values() for t in texts})
+            text_features = embed_texts(model, tokenizer, unique, device, autocast=autocast)
+            row = {t: i for i, t in enumerate(unique)}
+            run_values, scores, metrics = [], None, {}
+            for r, draw in enumerate(draws):
+                per_class = [text_features[[row[t] for t in draw[c]]] for c in suite.classes]
+                run_scores = class_scores(features, per_class, ensemble, scale)
+                run_metrics = classification_metrics(targets, run_scores, suite.classes,
+                                                     num_resamples if r == 0 else 0, bootstrap_seed)
+                if r == 0:
+                    scores, metrics = run_scores, run_metrics
+                run_values.append({k: run_metrics[k]["value"] for k in SUMMARY_KEYS if k in run_metrics})
+            prompt_record = {"per_class": draws[0], "sha256": prompts_hash(draws[0]), "seed": seed, "runs": runs,
+                             "set": prompts if isinstance(prompts, str) else spec.get("set")}
+    finally:
+        model.train(was_training)
+    metrics.update({
+        "suite": suite.name, "task": suite.task, "classes": suite.classes, "ensemble": ensemble,
+        "logit_scale": scale, "manifest_sha256": suite.manifest_sha256, "prompts": prompt_record,
+        "num_images": len(entries), "num_excluded_corrupt": len(failures), "excluded_corrupt": failures,
+    })
+    if len(run_values) > 1:
+        metrics["prompt_runs"] = {k: {"mean": float(np.mean([v[k] for v in run_values if v.get(k) is not None])),
+                                      "std": float(np.std([v[k] for v in run_values if v.get(k) is not None])),
+                                      "values": [v.get(k) for v in run_values]}
+                                  for k in run_values[0] if run_values[0][k] is not None}
+    return ZeroShotResult(metrics=metrics, features=features, targets=targets, scores=scores, entries=kept_entries)
+
+
+def flatten_metrics(metrics: Mapping, prefix: str) -> dict[str, float]:
+    """Scalar metrics for logs: {'<prefix>-accuracy': 0.41, ..., '<prefix>-auc-Edema': ...}."""
+    out: dict[str, float] = {}
+    for key in (*SUMMARY_KEYS, "num_excluded_corrupt"):
+        value = metrics.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("value")
+        if value is not None:
+            out[f"{prefix}-{key.replace('_', '-')}"] = float(value)
+    for cls, entry in (metrics.get("per_class") or {}).items():
+        if entry.get("auc", {}).get("value") is not None:
+            out[f"{prefix}-auc-{cls}"] = float(entry["auc"]["value"])
+    return out
+
+
+def zero_shot_metrics(model: torch.nn.Module, suite_or_dir: Suite | str, tokenizer: Callable, preprocess: Callable,
+                      device: str | torch.device = "cpu", *, prefix: str | None = None, num_resamples: int = 0,
+                      batch_size: int = 32, num_workers: int = 0, ensemble: str | None = None,
+                      autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                      progress: bool = False) -> dict[str, float]:
+    """Flat zero-shot metrics for training logs: keys '<suite>-zeroshot-accuracy', '-balanced-accuracy', ...
+
+    Call on the master rank only; cheap by default (no bootstrap, one prompt draw).
+    """
+    suite = suite_or_dir if isinstance(suite_or_dir, Suite) else load_suite(suite_or_dir)
+    result = run_zeroshot(model, suite, tokenizer, preprocess, device, prompt_runs=1, ensemble=ensemble,
+                          batch_size=batch_size, num_workers=num_workers, num_resamples=num_resamples,
+                          progress=progress, autocast=autocast)
+    return flatten_metrics(result.metrics, prefix or f"{suite.name}-zeroshot")

@@ -1,0 +1,204 @@
+"""`medclip shards build|validate`: labelled WebDataset shards from dataset files, and their spec check.
+
+Examples:
+  medclip shards build --source nih --csv sample_data/nih_cxr14/labels.csv --out shards/nih
+  medclip shards build --source pediatric --root chest_xray --out shards/ped --workers 4
+  medclip shards build --source iu-reports --reports NLMCXR_reports.tgz --out shards/iu --text-unit sentence
+  medclip shards build --source generic-csv --csv pairs.csv --image-column path --report-column report \
+      --kind paired --out shards/pairs
+  medclip shards validate shards/nih
+Prints a JSON summary on stdout and a one-paragraph account on stderr; exit 0 ok, 1 validation failed,
+2 bad input or options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from open_clip_medclip.shards.builder import LABEL_POLICIES, BuildError, BuildOptions, build_shards
+from open_clip_medclip.shards.format import DEFAULT_IMAGE_SIZE, IMAGE_FORMATS, KINDS
+from open_clip_medclip.shards.validate import validate_shards
+from open_clip_medclip.sources import (
+    SourceError,
+    iter_chexpert,
+    iter_covid,
+    iter_generic_csv,
+    iter_labelled_csv,
+    iter_mimic,
+    iter_nih,
+    iter_pediatric,
+    iter_report_texts,
+    iter_rsna,
+    parse_label_columns,
+)
+
+# source name → (what it reads, default kinds, flags it needs)
+SOURCES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "chexpert": ("CheXpert train.csv/valid.csv (--csv, --root = folder holding CheXpert-v1.0*)", ("image",),
+                 ("csv",)),
+    "mimic": ("MIMIC-CXR-JPG label table (--labels chexpert.csv|negbio.csv) + --metadata, images under --root, "
+              "optional --reports folder for paired samples", ("image",), ("labels", "metadata", "root")),
+    "nih": ("NIH Data_Entry_2017.csv or the bundled labels.csv (--csv; images under --root)", ("image",), ("csv",)),
+    "rsna": ("RSNA stage_2_train_labels.csv (--csv), DICOMs in --root, optional --class-info", ("image",),
+             ("csv", "root")),
+    "covid": ("COVID-19_Radiography_Dataset folders under --root", ("image",), ("root",)),
+    "pediatric": ("Kermany pediatric folders or labels.csv under --root", ("image",), ("root",)),
+    "generic-csv": ("any CSV: --image-column and/or --report-column, --label-columns or --class-column",
+                    ("image",), ("csv",)),
+    "iu-reports": ("reports (IU XML folder/.tgz, CSV, .txt folder) via knowledge.iter_reports (--reports)",
+                   ("text",), ("reports",)),
+    "labelled-csv": ("an already-labelled CSV (Reports + 14 finding columns; --csv)", ("text",), ("csv",)),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medclip shards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="write labelled shards",
+                                description="sources:\n" + "\n".join(f"  {name:<13} {text}" for name, (text, _, _)
+                                                                     in SOURCES.items()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("--source", required=True, choices=sorted(SOURCES))
+    build.add_argument("--out", required=True, type=Path, help="output folder for the shards")
+    build.add_argument("--csv", type=Path, help="the source's table")
+    build.add_argument("--root", type=Path, help="image root folder (default: depends on the source)")
+    build.add_argument("--labels", type=Path, help="MIMIC label table (chexpert.csv or negbio.csv)")
+    build.add_argument("--metadata", type=Path, help="MIMIC metadata table")
+    build.add_argument("--reports", type=Path, help="MIMIC reports folder, or the reports for iu-reports")
+    build.add_argument("--class-info", type=Path, help="RSNA stage_2_detailed_class_info.csv")
+    build.add_argument("--image-column", help="generic-csv: image path column")
+    build.add_argument("--report-column", help="generic-csv: report text column (makes paired/text possible)")
+    build.add_argument("--label-columns", help="generic-csv: comma list of COLUMN or COLUMN=Finding")
+    build.add_argument("--class-column", help="generic-csv: column whose value names a finding")
+    build.add_argument("--id-column", help="id column (generic-csv, labelled-csv, iu-reports CSV)")
+    build.add_argument("--text-column", default="Reports", help="text column of CSV reports (default Reports)")
+    build.add_argument("--source-name", help="name written as `source` (default: the dataset family)")
+    build.add_argument("--kind", help=f"comma list of sample kinds ({', '.join(KINDS)}); default per source")
+    build.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="longer side in px (default 256)")
+    build.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
+    build.add_argument("--uncertainty", choices=LABEL_POLICIES, default="zeros",
+                       help="zeros (MedCLIP: -1 and blank -> 0), ones (-1 -> 1), keep (-1 kept), raw (blank kept)")
+    build.add_argument("--text-unit", choices=("report", "sentence"), default="report",
+                       help="text kind: one sample per report or per labelled sentence")
+    build.add_argument("--split", help="only rows whose split column/folder equals this (e.g. train)")
+    build.add_argument("--limit", type=int, help="only the first N records (after --split)")
+    build.add_argument("--prefix", help="shard file prefix (default: the source name)")
+    build.add_argument("--licence", help="licence text for provenance.json (default: known per source)")
+    build.add_argument("--overwrite", action="store_true", help="replace a different build in --out")
+    build.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    validate = commands.add_parser("validate", help="check a shard folder against the spec")
+    validate.add_argument("folder", type=Path)
+    validate.add_argument("--no-decode", action="store_true", help="check image magic bytes only (faster)")
+    return parser
+
+
+def _need(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
+    if missing:
+        raise SourceError(f"--source {args.source} needs {', '.join(missing)}")
+
+
+def source_items(args: argparse.Namespace) -> Iterable:
+    """The adapter call for `--source` and its flags."""
+    source = args.source
+    name = args.source_name
+    if source == "chexpert":
+        _need(args, "csv")
+        return iter_chexpert(args.csv, args.root, source=name or "chexpert")
+    if source == "mimic":
+        _need(args, "labels", "metadata", "root")
+        return iter_mimic(args.labels, args.metadata, args.root, args.reports, source=name or "mimic")
+    if source == "nih":
+        _need(args, "csv")
+        return iter_nih(args.csv, args.root, source=name or "nih")
+    if source == "rsna":
+        _need(args, "csv", "root")
+        return iter_rsna(args.csv, args.root, args.class_info, source=name or "rsna")
+    if source == "covid":
+        _need(args, "root")
+        return iter_covid(args.root, source=name or "covid")
+    if source == "pediatric":
+        _need(args, "root")
+        return iter_pediatric(args.root, args.csv, source=name or "pediatric")
+    if source == "generic-csv":
+        _need(args, "csv")
+        columns = parse_label_columns(args.label_columns.split(",")) if args.label_columns else None
+        return iter_generic_csv(args.csv, args.image_column, columns, args.class_column, args.id_column,
+                                args.report_column, args.root, source=name or "csv")
+    if source == "iu-reports":
+        _need(args, "reports")
+        return iter_report_texts(args.reports, args.text_column, args.id_column, source=name or "iu")
+    _need(args, "csv")
+    return iter_labelled_csv(args.csv, args.text_column, args.id_column, source=name or "labelled")
+
+
+def _select(items: Iterable, split: str | None, limit: int | None) -> Iterable:
+    count = 0
+    for item in items:
+        if split is not None and getattr(item, "meta", {}).get("split", split) != split:
+            continue
+        if limit is not None and count >= limit:
+            return
+        count += 1
+        yield item
+
+
+def _needs_labeler(kinds: tuple[str, ...], source: str) -> bool:
+    return source != "labelled-csv" and any(kind in ("paired", "text") for kind in kinds)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    kinds = tuple(k.strip() for k in args.kind.split(",")) if args.kind else SOURCES[args.source][1]
+    options = BuildOptions(kinds=kinds, image_size=args.image_size, image_format=args.image_format,
+                           samples_per_shard=args.samples_per_shard, workers=args.workers,
+                           uncertainty=args.uncertainty, prefix=args.prefix or args.source.replace("-", "_"),
+                           text_unit=args.text_unit, licence=args.licence, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    labeler = None
+    if _needs_labeler(kinds, args.source):
+        from open_clip_medclip.knowledge import Labeler
+
+        labeler = Labeler()
+    items = _select(source_items(args), args.split, args.limit)
+    summary = build_shards(items, args.out, options, labeler=labeler)
+    print(json.dumps(summary.to_json(), sort_keys=True))
+    reasons = ", ".join(f"{count} {reason}" for reason, count in summary.reject_reasons.items()) or "none"
+    state = "was already complete" if summary.already_complete else (
+        f"took {summary.seconds:.1f} s ({summary.samples_per_second:.0f} samples/s"
+        + (f", {summary.resumed_shards} shard(s) kept from an earlier run)" if summary.resumed_shards else ")"))
+    print(f"shards: {summary.line()}. Kinds: {summary.kinds or 'none'}. Rejects by reason: {reasons} "
+          f"(details in rejects.jsonl). The build {state}; check it with 'medclip shards validate {args.out}'.",
+          file=sys.stderr)
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    report = validate_shards(args.folder, decode_images=not args.no_decode)
+    print(json.dumps(report.to_json(), sort_keys=True))
+    verdict = "conforms to shard spec v1" if report.ok else f"has {len(report.problems)} problem(s)"
+    print(f"validate: {args.folder} {verdict}: {report.shards} shard(s), {report.samples} sample(s), kinds "
+          f"{report.kinds or 'none'}.", file=sys.stderr)
+    for problem in report.problems[:50]:
+        print(f"  {problem}", file=sys.stderr)
+    if len(report.problems) > 50:
+        print(f"  ... and {len(report.problems) - 50} more (all in the JSON output)", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run_build(args) if args.command == "build" else run_validate(args)
+    except (SourceError, BuildError) as exc:
+        print(f"medclip shards: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

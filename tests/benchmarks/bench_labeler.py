@@ -1,0 +1,141 @@
+"""Labeler benchmark: speed and quality on the bundled IU reports, side by side with a plain regex labeler.
+
+    python tests/benchmarks/bench_labeler.py [--repeats 3] [--workers 2] [--json OUT.json]
+
+Speed: all 3955 IU reports, every sentence of findings + impression labelled, one core, best of N runs, for
+(a) `Labeler.label_report` (fast path), (b) a plain-Python keyword + negation regex labeler written here, both
+in this process; also the spaCy Doc pipeline on a subset. Quality: the dev gold (NegBio, 3080 reports): P/R/F1
+per finding and macro-F1 over the 7 shared findings for both labelers (positive = 1; variant: -1 counts too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS  # noqa: E402
+from open_clip_medclip.knowledge import Labeler, iter_reports  # noqa: E402
+from open_clip_medclip.knowledge.evaluation import (  # noqa: E402
+    IU_REPORTS_TGZ,
+    compare_with_gold,
+    format_table,
+    read_gold,
+)
+
+# --- the baseline: a plain keyword + NegEx-style regex labeler --------------------------------------------------
+BASELINE_KEYWORDS = {
+    "Cardiomegaly": r"cardiomegaly|enlarged heart|cardiac enlargement|heart (?:size )?is enlarged",
+    "Lung Lesion": r"mass|nodules?",
+    "Lung Opacity": r"opacit(?:y|ies)|infiltrates?|airspace disease",
+    "Edema": r"edema",
+    "Consolidation": r"consolidation",
+    "Pneumonia": r"pneumonia|infection",
+    "Atelectasis": r"atelectasis|atelectatic",
+    "Pneumothorax": r"pneumothorax|pneumothoraces",
+    "Pleural Effusion": r"effusions?",
+    "Fracture": r"fractures?",
+    "Support Devices": r"pacemaker|catheter|tube|picc|line",
+}
+BASELINE_FINDINGS = re.compile("|".join(f"(?P<f{CHEXPERT_FINDINGS.index(name)}>\\b(?:{pattern})\\b)"
+                                        for name, pattern in BASELINE_KEYWORDS.items()), re.IGNORECASE)
+BASELINE_NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of|clear of)\b", re.IGNORECASE)
+BASELINE_UNCERTAIN = re.compile(r"\b(?:may|possible|possibly|likely|probable|suggest\w*|versus|cannot exclude)\b",
+                                re.IGNORECASE)
+BASELINE_SECTIONS = re.compile(r"(?:FINDINGS|IMPRESSION):(.*?)(?=\n\n[A-Z ]+:|\Z)", re.DOTALL)
+BASELINE_SENTENCES = re.compile(r"[^.!?]+")
+
+
+def baseline_label_report(text: str) -> tuple[list[float | None], list[tuple[str, list[float | None]]]]:
+    """Report and sentence labels: a keyword hit is negative after a negation word, uncertain after a hedge."""
+    body = " ".join(BASELINE_SECTIONS.findall(text)) or text
+    report: list[float | None] = [None] * NUM_FINDINGS
+    sentences = []
+    for sentence in BASELINE_SENTENCES.findall(body):
+        labels: list[float | None] = [None] * NUM_FINDINGS
+        for match in BASELINE_FINDINGS.finditer(sentence):
+            before = sentence[:match.start()]
+            value = 0.0 if BASELINE_NEGATION.search(before) else -1.0 if BASELINE_UNCERTAIN.search(before) else 1.0
+            index = int(match.lastgroup[1:])
+            labels[index] = value if labels[index] is None else max(labels[index], value, key=_rank)
+        sentences.append((sentence, labels))
+        for index, value in enumerate(labels):
+            if value is not None:
+                report[index] = value if report[index] is None else max(report[index], value, key=_rank)
+    report[0] = None if any(v in (1.0, -1.0) for v in report[1:13]) else 1.0
+    return report, sentences
+
+
+def _rank(value: float) -> int:
+    return {0.0: 1, -1.0: 2, 1.0: 3}[value]
+
+
+# --- measurement ---------------------------------------------------------------------------------------------------
+def best_rate(function, texts: list[str], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for text in texts:
+            function(text)
+        best = min(best, time.perf_counter() - started)
+    return len(texts) / best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="also time label_reports with N processes")
+    parser.add_argument("--pipeline-subset", type=int, default=500, help="reports for the spaCy Doc pipeline timing")
+    parser.add_argument("--json", default=None, help="write the numbers as JSON")
+    args = parser.parse_args(argv)
+
+    reports = list(iter_reports(IU_REPORTS_TGZ))
+    texts = [text for _, text in reports]
+    labeler = Labeler()
+    print(f"labeler {labeler.name} {labeler.version}, rules {labeler.rules_hash}")
+    print(f"IU reports: {len(texts)} (findings + impression labelled, every sentence)")
+
+    results = {"reports": len(texts), "rules_hash": labeler.rules_hash}
+    labeler_rate = best_rate(labeler.label_report, texts, args.repeats)
+    baseline_rate = best_rate(baseline_label_report, texts, args.repeats)
+    subset = texts[:args.pipeline_subset]
+    pipeline_rate = best_rate(labeler.label_report_with_pipeline, subset, 1)
+    sentences = sum(len(labeler.label_report(text).sentences) for text in texts)
+    results.update(labeler_reports_per_s=labeler_rate, baseline_reports_per_s=baseline_rate,
+                   pipeline_reports_per_s=pipeline_rate, sentences=sentences)
+    print(f"\nspeed (one core, best of {args.repeats}):")
+    print(f"  medclip labeler (fast path)   {labeler_rate:9.0f} reports/s  ({sentences} sentences)")
+    print(f"  plain regex baseline          {baseline_rate:9.0f} reports/s")
+    print(f"  ratio labeler / baseline      {labeler_rate / baseline_rate:9.2f}")
+    print(f"  spaCy Doc pipeline ({len(subset)} rep.) {pipeline_rate:9.0f} reports/s  "
+          f"(same labels; fast path is {labeler_rate / pipeline_rate:.1f}x)")
+    if args.workers > 1:
+        started = time.perf_counter()
+        labeler.label_reports(texts, workers=args.workers)
+        parallel_rate = len(texts) / (time.perf_counter() - started)
+        results["parallel_reports_per_s"] = {args.workers: parallel_rate}
+        print(f"  label_reports(workers={args.workers})      {parallel_rate:9.0f} reports/s (incl. process start-up)")
+
+    gold = read_gold()
+    by_uid = {uid: text for uid, text in reports if uid in gold}
+    ours = {uid: labeler.label_report(text).labels for uid, text in by_uid.items()}
+    theirs = {uid: baseline_label_report(text)[0] for uid, text in by_uid.items()}
+    print()
+    for uncertain_positive in (False, True):
+        for name, predictions in (("medclip labeler", ours), ("regex baseline", theirs)):
+            comparison = compare_with_gold(predictions, gold, uncertain_positive)
+            print(format_table(comparison, f"{name} vs IU dev gold"))
+            results[f"{name.split()[0]}_macro_f1{'_uncertain_positive' if uncertain_positive else ''}"] = \
+                comparison["macro_f1"]
+        print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

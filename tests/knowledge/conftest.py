@@ -1,0 +1,23 @@
+"""Fixtures for the labeler tests: one Labeler per session (building it compiles the rule files once)."""
+from __future__ import annotations
+
+import pytest
+
+from open_clip_medclip.knowledge import Labeler
+
+
+@pytest.fixture(scope="session")
+def labeler() -> Labeler:
+    return Labeler()
+
+
+@pytest.fixture(scope="session")
+def label(labeler):
+    """label(text) -> {finding name: value} for the findings that are not blank (No Finding included)."""
+    from open_clip_medclip.findings import CHEXPERT_FINDINGS
+
+    def run(text: str) -> dict[str, float]:
+        result = labeler.label_report(text)
+        return {name: value for name, value in zip(CHEXPERT_FINDINGS, result.labels) if value is not None}
+
+    return run
