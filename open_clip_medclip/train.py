@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="training image transform: MedCLIP's augmentation (default) or OpenCLIP's (--aug-cfg)",
     )
     group.add_argument(
+        "--medclip-zeroshot-suite",
+        action="append",
+        default=None,
+        metavar="SUITE",
+        help="built evaluation suite (folder from `medclip eval build-suite`, repeatable) evaluated zero-shot on the "
+        "master rank every --zeroshot-frequency epochs and at the end; metrics go to results.jsonl and tb/wandb",
+    )
+    group.add_argument(
         "--install-autoload",
         action="store_true",
         help="write a .pth hook so plain `python -m open_clip_train.main --model medclip-*` finds our models",
@@ -108,6 +116,31 @@ def _summary(args) -> dict:
     return summary
 
 
+def suite_zero_shot_hook(suites: list[str]):
+    """A trainer zero-shot hook evaluating built suites, following open_clip_train's --zeroshot-frequency rule."""
+
+    def hook(model, data, epoch, args, tokenizer=None) -> dict[str, float]:
+        frequency = args.zeroshot_frequency
+        if not frequency or (epoch % frequency != 0 and epoch != args.epochs):
+            return {}
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        from open_clip_train.precision import get_autocast
+
+        from open_clip_medclip.eval.zeroshot import zero_shot_metrics
+
+        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        tokenizer = tokenizer or open_clip.get_tokenizer(args.model)
+        device_type = str(args.device).split(":")[0]
+        metrics: dict[str, float] = {}
+        for suite in suites:
+            metrics.update(zero_shot_metrics(model, suite, tokenizer, preprocess, args.device,
+                                             autocast=lambda: get_autocast(args.precision, device_type=device_type)()))
+        return metrics
+
+    return hook
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
@@ -132,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for key in ("install_autoload", "uninstall_autoload", "autoload_site_dir", "help"):
         delattr(medclip_args, key)
-    args = openclip_train.run_trainer(trainer_argv, medclip_args)
+    hook = suite_zero_shot_hook(medclip_args.medclip_zeroshot_suite) if medclip_args.medclip_zeroshot_suite else None
+    if hook is not None:
+        openclip_train.register_zero_shot_eval(hook)
+    try:
+        args = openclip_train.run_trainer(trainer_argv, medclip_args)
+    finally:
+        if hook is not None:
+            openclip_train.unregister_zero_shot_eval(hook)
     if args is not None and getattr(args, "rank", 0) == 0 and getattr(args, "train_data", None):
         summary = _summary(args)
         print(json.dumps(summary))

@@ -237,3 +237,19 @@ def test_zero_shot_hooks_run_without_val_data(tmp_path: Path, small_shards):
     assert calls == [("MedclipCustomTextCLIP", 1, True)]
     results = [json.loads(line) for line in (log_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
     assert results[-1]["medclip-test-zeroshot-acc"] == 0.25
+
+
+def test_suite_zero_shot_runs_inside_training(tmp_path: Path, small_shards):
+    from open_clip_medclip.eval.suites import build_suite, load_definition
+
+    definition = load_definition("nih-pneumonia")
+    definition["name"] = "nih-train-tiny"
+    definition["recipe"] = {**definition["recipe"], "max_test_per_class": 4, "max_train_per_class": 4}
+    suite = tmp_path / "suite"
+    build_suite(definition, "sample", suite, progress=False)
+    log_dir = _launch(tmp_path, small_shards["all"], "suite-zs", "--epochs", "1",
+                      "--medclip-zeroshot-suite", str(suite), "--zeroshot-frequency", "1")
+    results = [json.loads(line) for line in (log_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert 0.0 <= results[-1]["nih-train-tiny-zeroshot-accuracy"] <= 1.0
+    assert "nih-train-tiny-zeroshot-macro-auc" in results[-1] or "nih-train-tiny-zeroshot-auc" in results[-1]
+    assert openclip_train._ZERO_SHOT_HOOKS == []  # unregistered after the run
