@@ -249,8 +249,21 @@ def resolve_sentence(text: str, start: int, end: int, terms: Sequence[Term], sco
         return min(found, key=lambda item: (item[0], item[1].polarity != scope.tie))[1].polarity
 
     assertions: list[Assertion] = []
+    previous: Term | None = None
+    previous_found: list[tuple[int, _Trigger]] = []
     for term, entry in mentions:
-        found = covering(term.start, term.end)
+        if previous is not None and term.start == previous.start and term.end == previous.end:
+            found = previous_found  # another finding of the same phrase
+        else:
+            found = covering(term.start, term.end)
+            if previous_found and previous is not None and _coordinated(text, previous.end, term.start) \
+                    and not blocked(previous.end, term.start, scope.pre_scope_stop_chars):
+                # A pre-trigger covering one member of a coordination covers the members after it, as in a
+                # dependency parse ("may represent atelectasis versus mild edema or an atypical infection").
+                own = {trigger for _, trigger in found}
+                found = found + [(distance, trigger) for distance, trigger in previous_found
+                                 if trigger.is_pre and trigger not in own]
+            previous, previous_found = term, found
         if entry.requires:
             cue = _nearest_cue(cues.get(entry.requires, ()), term, entry.window or scope.cue_window,
                                word_index, blocked, scope.post_scope_stop_chars)
@@ -264,6 +277,18 @@ def resolve_sentence(text: str, start: int, end: int, terms: Sequence[Term], sco
         value = NEGATIVE_VALUE if polarity == NEGATION else UNCERTAIN if polarity == UNCERTAINTY else POSITIVE
         assertions.append(Assertion(term.start, term.end, entry.finding, value, entry.implies))
     return assertions
+
+
+_CONJUNCTIONS = frozenset({"or", "and", "nor", "versus", "vs", "vs.", "and/or", "/"})
+_COORDINATION_GAP_WORDS = 4
+
+
+def _coordinated(text: str, left: int, right: int) -> bool:
+    """Whether the words between two mentions link them in a coordination: a conjunction ('or', 'and',
+    'versus', '/' ...) and at most a few modifiers ("... or an atypical ..."). A bare comma is not enough:
+    "A, B" may be two statements."""
+    gap = text[left:right].replace(",", " ").replace("/", " / ").split()
+    return 0 < len(gap) <= _COORDINATION_GAP_WORDS and any(word in _CONJUNCTIONS for word in gap)
 
 
 def _nearest_cue(candidates, term: Term, window: int, word_index, blocked, stop_chars: str) -> Term | None:

@@ -89,6 +89,18 @@ def test_negated_hedge_is_a_negation(label):
 def test_pseudo_negations_do_not_negate(label):
     assert label("No change in the small left pleural effusion.")["Pleural Effusion"] == 1.0
     assert label("No significant change in cardiomegaly.")["Cardiomegaly"] == 1.0
+    assert label("Redemonstration without significant interval change of mild atelectasis.")["Atelectasis"] == 1.0
+
+
+def test_hedge_reaches_the_members_of_a_coordination(label):
+    # "may represent A versus B or C": C is in the hedge's scope although beyond its word window
+    labels = label("Findings are nonspecific, but may represent subsegmental atelectasis versus mild "
+                   "interstitial edema or an atypical infectious process.")
+    assert labels["Atelectasis"] == labels["Edema"] == labels["Pneumonia"] == -1.0
+    assert label("Normal heart size and mediastinal contours.")["Enlarged Cardiomediastinum"] == 0.0
+    # a bare comma does not link two statements
+    assert label("Heart size within normal limits, stable mediastinal contours, mediastinal surgical clips.")[
+        "Support Devices"] == 1.0
 
 
 def test_anatomy_mentions_need_a_size_cue(label):
@@ -103,6 +115,17 @@ def test_anatomy_mentions_need_a_size_cue(label):
 def test_ignored_look_alikes(label):
     assert "Pleural Effusion" not in label("Small pericardial effusion.")
     assert "Lung Lesion" not in label("Soft tissue mass of the chest wall.")
+
+
+def test_chexpert_edema_and_pneumothorax_mentions(label):
+    # CheXpert's Edema list includes vascular/pulmonary congestion, vascular prominence and indistinctness
+    assert label("Mild pulmonary vascular congestion.")["Edema"] == 1.0
+    assert label("Cardiomegaly and mild vascular prominence.")["Edema"] == 1.0
+    assert label("No vascular congestion.")["Edema"] == 0.0
+    # CheXpert matches substrings: a hydropneumothorax is a pneumothorax (and pleural fluid)
+    labels = label("Large left hydropneumothorax.")
+    assert labels["Pneumothorax"] == labels["Pleural Effusion"] == 1.0
+    assert label("Borderline cardiomegaly.")["Cardiomegaly"] == 1.0  # a degree, not a hedge
 
 
 def test_chf_makes_cardiomegaly_uncertain(label):
