@@ -470,7 +470,9 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
 
     shared_epoch = SharedEpoch(epoch=epoch)
     if resampled:
-        pipeline = [ResampledShards2(image_urls, weights=image_weights, deterministic=True, epoch=shared_epoch)]
+        # Explicit uniform weights: open_clip_train's expand_urls only accepts a URL list together with weights.
+        weights = image_weights if image_weights is not None else [1.0] * len(image_urls)
+        pipeline = [ResampledShards2(image_urls, weights=weights, deterministic=True, epoch=shared_epoch)]
     else:
         pipeline = [wds.SimpleShardList(image_urls)]
     if is_train:

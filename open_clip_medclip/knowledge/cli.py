@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print("medclip label: error: --workers must be at least 1", file=sys.stderr)
         return 2
     input_path, out_path = Path(args.input), Path(args.out)
-    if not out_path.parent.is_dir():
-        print(f"medclip label: error: output folder {out_path.parent} does not exist", file=sys.stderr)
-        return 2
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         labeler = Labeler(rules_dir=args.rules_dir, sections=args.sections, scispacy_model=args.scispacy_model,
                           umls_linker=args.umls_linker)

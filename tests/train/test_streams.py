@@ -162,6 +162,15 @@ def test_upsampling_factors_drop_text_only_groups(small_shards):
     assert sum(len(images) for images, _ in info.dataloader) == 64
 
 
+def test_resampled_without_upsampling_factors_is_uniform(small_shards):
+    image_a, image_b = small_shards["image"]
+    args = _args(f"{image_a}::{image_b}::{small_shards['text'][0]}", dataset_resampled=True, train_num_samples=32)
+    info = get_medclip_wds_dataset(args, _image, is_train=True, tokenizer=_tokenizer)
+    shard_stage = info.dataloader.pipeline[0].dataset.pipeline[0]
+    assert shard_stage.urls == [image_a, image_b] and shard_stage.weights == [1.0, 1.0]
+    assert sum(len(images) for images, _ in info.dataloader) == 32
+
+
 def test_clear_errors(tmp_path: Path, small_shards):
     plain = tmp_path / "plain-000000.tar"
     with wds.TarWriter(str(plain)) as sink:
