@@ -8,6 +8,7 @@ at import; a missing one fails loudly with the versions to use.
 from __future__ import annotations
 
 import torch
+from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
 try:
     import clip_benchmark
@@ -26,21 +27,15 @@ _REQUIRED = {
 }
 
 
-class HostMismatchError(RuntimeError):
-    """CLIP_benchmark changed in a way this glue was not built for."""
-
-
 def check_host() -> None:
     """Fail loudly, naming the attribute, if a CLIP_benchmark internal we rely on has gone or changed shape."""
-    missing = [f"{mod.__name__}.{attr}" for mod, attrs in _REQUIRED.items() for attr in attrs if not hasattr(mod, attr)]
+    missing = missing_attributes(_REQUIRED)
     if not missing and not isinstance(cb_models.TYPE2FUNC, dict):
         missing.append("clip_benchmark.models.TYPE2FUNC (no longer a dict)")
     if not missing and cb_cli.MODEL_TYPES is not cb_models.MODEL_TYPES:
         missing.append("clip_benchmark.cli.MODEL_TYPES (no longer the same list as clip_benchmark.models.MODEL_TYPES)")
-    if missing:
-        version = getattr(clip_benchmark, "__version__", "unknown")
-        raise HostMismatchError(f"open_clip_medclip supports clip-benchmark 1.6.x; this one ({version}) lacks "
-                                f"{', '.join(missing)}. Install 'clip-benchmark==1.6.2'.")
+    require_host(missing, "clip-benchmark 1.6.x", f"clip-benchmark {getattr(clip_benchmark, '__version__', 'unknown')}",
+                 "clip-benchmark==1.6.2")
 
 
 check_host()

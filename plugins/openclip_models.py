@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import open_clip
 import torch
 from open_clip import factory, hf_model, pretrained
+from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
 from open_clip_medclip import models
 
@@ -32,18 +33,10 @@ _REQUIRED = {
 }
 
 
-class HostMismatchError(RuntimeError):
-    """OpenCLIP changed in a way this plugin was not built for."""
-
-
 def check_host() -> None:
     """Fail loudly, naming the attribute, if an OpenCLIP internal we patch has gone."""
-    missing = [f"{mod.__name__}.{attr}" for mod, attrs in _REQUIRED.items() for attr in attrs if not hasattr(mod, attr)]
-    if missing:
-        raise HostMismatchError(
-            f"open_clip_medclip supports open_clip_torch 3.3.x; this open_clip ({open_clip.__version__}) lacks "
-            f"{', '.join(missing)}. Install 'open_clip_torch>=3.3,<3.4'."
-        )
+    require_host(missing_attributes(_REQUIRED), "open_clip_torch 3.3.x", f"open_clip {open_clip.__version__}",
+                 "open_clip_torch>=3.3,<3.4")
 
 
 check_host()

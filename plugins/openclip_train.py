@@ -32,6 +32,7 @@ import open_clip_train.main
 import open_clip_train.train
 import torch
 from open_clip import factory, model
+from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
@@ -69,18 +70,10 @@ _REQUIRED = {
 }
 
 
-class HostMismatchError(RuntimeError):
-    """open_clip_train changed in a way this plugin was not built for."""
-
-
 def check_host() -> None:
     """Fail loudly, naming each attribute, if an open_clip_train internal we rebind has gone."""
-    missing = [f"{mod.__name__}.{attr}" for mod, attrs in _REQUIRED.items() for attr in attrs if not hasattr(mod, attr)]
-    if missing:
-        raise HostMismatchError(
-            f"open_clip_medclip's training launcher supports open_clip_torch 3.3.x; this install "
-            f"({open_clip.__version__}) lacks {', '.join(missing)}. Install 'open_clip_torch>=3.3,<3.4'."
-        )
+    require_host(missing_attributes(_REQUIRED), "open_clip_torch 3.3.x (open_clip_train)",
+                 f"open_clip {open_clip.__version__}", "open_clip_torch>=3.3,<3.4")
 
 
 check_host()
