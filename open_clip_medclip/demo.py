@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--losses", nargs="+", choices=tuple(LOSSES), default=list(LOSSES))
+    parser.add_argument("--label-temperature", type=float, default=1.0,
+                        help="soft-loss target temperature (MedCLIP: 1, which gives flat targets)")
     return parser
 
 
@@ -137,7 +139,8 @@ def train(out: Path, data: dict, loss: str, args, model: str, step: int, total: 
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", "cpu",
            "--precision", "fp32", "--lr", str(args.lr), "--wd", "0.1", "--warmup", "10",
            "--log-every-n-steps", "8", "--logs", str(out / "runs"), "--name", name, "--seed", str(args.seed),
-           "--save-frequency", str(args.epochs), "--medclip-loss", loss]
+           "--save-frequency", str(args.epochs), "--medclip-loss", loss,
+           "--medclip-label-temperature", str(args.label_temperature)]
     (out / "runs").mkdir(exist_ok=True)
     _check(_run_streaming(cmd, out / "runs" / f"{name}.log"), f"training ({loss})")
     if not checkpoint.exists():
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "samples_per_epoch": args.samples_per_epoch,
         "batch_size": args.batch_size,
+        "seed": args.seed,
+        "label_temperature": args.label_temperature,
         "checkpoints": {loss: str(path) for loss, path in checkpoints.items()},
         "results": {suite: {loss: {k: r[k] for k in ("accuracy", "auc", "balanced_accuracy", "macro_f1", "num_images",
                                                        "plots")}
