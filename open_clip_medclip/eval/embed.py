@@ -19,6 +19,18 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """Yield the unwrapped model in eval mode and restore its train/eval state afterwards (training hooks call us)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def logit_scale(model: torch.nn.Module, default: float = 100.0) -> float:
     """exp(logit_scale) of a CLIP model (the temperature its logits use), `default` when it has none."""
     scale = getattr(unwrap(model), "logit_scale", None)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from open_clip_medclip.eval.embed import embed_images, unwrap
+from open_clip_medclip.eval.embed import embed_images, evaluation_mode
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics
 from open_clip_medclip.eval.suites import Suite, SuiteError, load_suite
 
@@ -45,17 +45,12 @@ def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Cal
     if not train_entries:
         raise SuiteError(f"{suite.source}: the suite has no train split; rebuild it or add split=train rows")
     suite.check_images(train_entries + test_entries)
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model) as model:
         embedded = {}
         for name, entries in (("train", train_entries), ("test", test_entries)):
             features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
                                                     batch_size, num_workers, progress, autocast)
             embedded[name] = (features, suite.label_index([entries[i] for i in kept]), failures)
-    finally:
-        model.train(was_training)
     x_train, y_train, train_failures = embedded["train"]
     x_test, y_test, test_failures = embedded["test"]
     if train_fraction < 1.0:

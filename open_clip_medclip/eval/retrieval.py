@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from open_clip_medclip.eval.embed import embed_images, embed_texts, unwrap
+from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, retrieval_metrics
 from open_clip_medclip.eval.suites import Suite, SuiteError, load_suite, suite_prompts
 from open_clip_medclip.sources.records import read_csv
@@ -53,15 +53,10 @@ def run_retrieval(model: torch.nn.Module, suite: Suite | str, tokenizer: Callabl
     entries = suite.split("test")[:max_images] if max_images else suite.split("test")
     suite.check_images(entries)
     texts, text_labels = text_pool(suite, texts_csv)
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model) as model:
         features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
                                                 batch_size, num_workers, progress, autocast)
         text_features = embed_texts(model, tokenizer, texts, device, autocast=autocast)
-    finally:
-        model.train(was_training)
     labels = suite.label_index([entries[i] for i in kept])
     similarity = features @ text_features.T
     return {

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from open_clip_medclip.eval.embed import embed_images, embed_texts, logit_scale, unwrap
+from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode, logit_scale
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics, multilabel_auc
 from open_clip_medclip.eval.prompts import chexzero_pairs, load_prompt_set, prompts_hash, sample_prompts, select_classes
 from open_clip_medclip.eval.suites import Suite, SuiteEntry, load_suite, suite_prompts
@@ -93,10 +93,7 @@ def run_zeroshot(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable
     if not entries:
         raise ValueError(f"{suite.source}: the suite has no test images")
     suite.check_images(entries, verify_hashes=verify_hashes)
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model) as model:
         features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
                                                 batch_size, num_workers, progress, autocast)
         scale = logit_scale(model)
@@ -128,8 +125,6 @@ def run_zeroshot(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable
                 run_values.append({k: run_metrics[k]["value"] for k in SUMMARY_KEYS if k in run_metrics})
             prompt_record = {"per_class": draws[0], "sha256": prompts_hash(draws[0]), "seed": seed, "runs": runs,
                              "set": prompts if isinstance(prompts, str) else spec.get("set")}
-    finally:
-        model.train(was_training)
     metrics.update({
         "suite": suite.name, "task": suite.task, "classes": suite.classes, "ensemble": ensemble,
         "logit_scale": scale, "manifest_sha256": suite.manifest_sha256, "prompts": prompt_record,
