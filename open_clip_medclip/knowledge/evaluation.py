@@ -7,6 +7,7 @@ negative; a variant also counts uncertain -1 as positive), plus Lung Lesion vs M
 from __future__ import annotations
 
 import csv
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +31,36 @@ EXTRA_FINDINGS: dict[str, tuple[str, ...]] = {
     "Lung Lesion": ("Mass", "Nodule"),
     "No Finding": ("normal",),
 }
+
+
+# CheXpert conventions on which the IU coders differ, as rule lines (file -> line prefixes). Dropping one from a
+# copy of the rules measures what following CheXpert costs on this gold; the labeler itself keeps them all.
+CHEXPERT_CONVENTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "Edema surrogates (vascular/pulmonary congestion, vascular prominence, indistinctness)": {
+        "mentions_edema.txt": ("(vascular|pulmonary) congestion", "indistinctness", "vascular prominence")},
+    "'versus' is a hedge (uncertain)": {
+        "uncertainty_pre.txt": ("(versus|vs|vs.)",), "uncertainty_post.txt": ("(versus|vs|vs.)",)},
+}
+
+
+def rules_without(drop: Mapping[str, Sequence[str]], target: str | Path, rules_dir: str | Path | None = None) -> Path:
+    """Copy the rules folder to `target` without the lines starting with the given prefixes (per file).
+
+    Raises ValueError naming the file and prefix when a prefix matches no line, so an ablation cannot silently
+    measure nothing after the rule files change.
+    """
+    from open_clip_medclip.knowledge.rules import resolve_rules_dir
+
+    target = Path(target)
+    shutil.copytree(resolve_rules_dir(rules_dir), target)
+    for name, prefixes in drop.items():
+        path = target / name
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for prefix in prefixes:
+            if not any(line.startswith(prefix) for line in lines):
+                raise ValueError(f"{path}: no rule line starts with {prefix!r}")
+        path.write_text("".join(line for line in lines if not line.startswith(tuple(prefixes))), encoding="utf-8")
+    return target
 
 
 def read_gold(path: str | Path = IU_GOLD_DEV_CSV) -> dict[str, dict[str, int]]:

@@ -6,6 +6,7 @@ Speed: all 3955 IU reports, every sentence of findings + impression labelled, on
 (a) `Labeler.label_report` (fast path), (b) a plain-Python keyword + negation regex labeler written here, both
 in this process; also the spaCy Doc pipeline on a subset. Quality: the dev gold (NegBio, 3080 reports): P/R/F1
 per finding and macro-F1 over the 7 shared findings for both labelers (positive = 1; variant: -1 counts too).
+Then what each CheXpert convention the IU coders do not share costs: macro-F1 of a rules copy without it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS  # noqa: E402
 from open_clip_medclip.knowledge import Labeler, iter_reports  # noqa: E402
 from open_clip_medclip.knowledge.evaluation import (  # noqa: E402
+    CHEXPERT_CONVENTIONS,
     IU_REPORTS_TGZ,
     compare_with_gold,
     format_table,
     read_gold,
+    rules_without,
 )
 
 # --- the baseline: a plain keyword + NegEx-style regex labeler --------------------------------------------------
@@ -85,6 +89,30 @@ def best_rate(function, texts: list[str], repeats: int) -> float:
     return len(texts) / best
 
 
+def convention_costs(texts_by_uid: dict[str, str], gold: dict, baseline: dict) -> dict[str, float]:
+    """Print and return macro-F1 on the gold with each CheXpert convention (and all of them) taken out."""
+    variants = dict(CHEXPERT_CONVENTIONS)
+    merged: dict[str, tuple[str, ...]] = {}
+    for drop in CHEXPERT_CONVENTIONS.values():
+        for file, prefixes in drop.items():
+            merged[file] = merged.get(file, ()) + tuple(prefixes)
+    variants["all of the above"] = merged
+    print(f"cost of CheXpert conventions the IU coders do not share (positive = 1; labeler as shipped: "
+          f"{baseline['macro_f1']:.4f})")
+    scores = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for number, (name, drop) in enumerate(variants.items()):
+            labeler = Labeler(rules_dir=rules_without(drop, Path(scratch) / f"rules{number}"))
+            result = compare_with_gold({uid: labeler.label_report(text).labels
+                                        for uid, text in texts_by_uid.items()}, gold)
+            changed = ", ".join(f"{finding} {baseline['per_finding'][finding]['f1']:.3f}->{score['f1']:.3f}"
+                                for finding, score in result["per_finding"].items()
+                                if abs(score["f1"] - baseline["per_finding"][finding]["f1"]) >= 0.0005)
+            print(f"  without {name:<84} macro-F1 {result['macro_f1']:.4f}  ({changed})")
+            scores[name] = result["macro_f1"]
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -132,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{name.split()[0]}_macro_f1{'_uncertain_positive' if uncertain_positive else ''}"] = \
                 comparison["macro_f1"]
         print()
+    results["without_convention_macro_f1"] = convention_costs(by_uid, gold, compare_with_gold(ours, gold))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
