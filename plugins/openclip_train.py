@@ -359,7 +359,11 @@ def patched_trainer(medclip_args) -> Iterator[_Run]:
     """Rebind the trainer's entry points for the duration of one run; restored on exit, even after errors."""
     run = _Run(medclip_args)
     root_logger = logging.getLogger()
-    handlers_before, level_before = list(root_logger.handlers), root_logger.level
+    handlers_before = list(root_logger.handlers)
+    # setup_logging also sets the level of every logger that exists (torch's too); restore them all afterwards.
+    levels_before = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+                     if isinstance(logger, logging.Logger)}
+    levels_before[""] = root_logger.level
     main = open_clip_train.main
     main.parse_args = run.parse_args
     main.create_model_and_transforms = run.create_model_and_transforms
@@ -385,7 +389,10 @@ def patched_trainer(medclip_args) -> Iterator[_Run]:
             if handler not in handlers_before:
                 root_logger.removeHandler(handler)
                 handler.close()
-        root_logger.setLevel(level_before)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):  # loggers created during the run inherit again
+                logger.setLevel(levels_before.get(name, logging.NOTSET))
+        root_logger.setLevel(levels_before[""])
 
 
 def run_trainer(trainer_argv: list[str], medclip_args):

@@ -161,8 +161,14 @@ def test_launcher_trains_resumes_and_writes_plain_checkpoints(tmp_path: Path, sm
 
 
 def test_clip_baseline_on_the_same_streams(tmp_path: Path, small_shards):
+    import logging
+
+    watched = (logging.getLogger(), logging.getLogger("torch._dynamo"), logging.getLogger("open_clip"))
+    before = [(logger.level, list(logger.handlers)) for logger in watched]
     log_dir = _launch(tmp_path, small_shards["all"], "clip", "--epochs", "1", "--medclip-loss", "clip")
     assert "Contrastive_loss" in (log_dir / "out.log").read_text()
+    # the host's setup_logging re-levels every logger and adds root handlers: all undone after the run
+    assert [(logger.level, list(logger.handlers)) for logger in watched] == before
 
 
 def test_patches_are_restored_after_a_run():
