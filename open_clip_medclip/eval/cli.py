@@ -95,27 +95,37 @@ def _finish(task: str, rows: list[tuple[str, dict]], columns, out: Path, failure
     return 1 if failures else 0
 
 
+def _each_suite(args: argparse.Namespace, command: str, evaluate, failures: list[str]):
+    """(suite, result, output folder) for each --suite that evaluates; a failing suite is reported on stderr and
+    added to `failures`, and the others still run."""
+    for name in args.suite:
+        try:
+            suite = load_suite(name)
+            result = evaluate(suite)
+        except (SuiteError, FileNotFoundError, ValueError) as exc:
+            print(f"medclip eval {command}: {name}: {exc}", file=sys.stderr)
+            failures.append(f"{name}: {exc}")
+            continue
+        folder = Path(args.out) / suite.name
+        folder.mkdir(parents=True, exist_ok=True)
+        yield suite, result, folder
+
+
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.zeroshot import run_zeroshot
 
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.device)
-    out = Path(args.out)
     rows, failures = [], []
-    for name in args.suite:
-        try:
-            suite = load_suite(name)
-            result = run_zeroshot(model, suite, tokenizer, preprocess, args.device, prompts=args.prompts,
-                                  prompts_per_class=args.prompts_per_class if args.prompts_per_class is not None else "default",
-                                  prompt_seed=args.prompt_seed, prompt_runs=args.prompt_runs, ensemble=args.ensemble,
-                                  batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
-                                  bootstrap_seed=args.seed, max_images=args.max_images, verify_hashes=args.verify_hashes,
-                                  progress=not args.quiet)
-        except (SuiteError, FileNotFoundError, ValueError) as exc:
-            print(f"medclip eval zeroshot: {name}: {exc}", file=sys.stderr)
-            failures.append(f"{name}: {exc}")
-            continue
-        folder = out / suite.name
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(suite):
+        return run_zeroshot(model, suite, tokenizer, preprocess, args.device, prompts=args.prompts,
+                            prompts_per_class=args.prompts_per_class if args.prompts_per_class is not None else "default",
+                            prompt_seed=args.prompt_seed, prompt_runs=args.prompt_runs, ensemble=args.ensemble,
+                            batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
+                            bootstrap_seed=args.seed, max_images=args.max_images, verify_hashes=args.verify_hashes,
+                            progress=not args.quiet)
+
+    for suite, result, folder in _each_suite(args, "zeroshot", evaluate, failures):
         metrics = {**result.metrics, "model": args.model, "pretrained": args.pretrained}
         _write_json(folder / "zeroshot.json", metrics)
         columns = ("macro_auc",) if suite.multilabel else TABLE_COLUMNS
@@ -128,54 +138,40 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
             print(f"{suite.name}: {metrics['num_excluded_corrupt']} corrupt image(s) excluded "
                   f"(listed under 'excluded_corrupt' in {folder / 'zeroshot.json'})", file=sys.stderr)
         rows.append((suite.name, metrics))
-    return _finish("zeroshot", rows, TABLE_COLUMNS, out, failures)
+    return _finish("zeroshot", rows, TABLE_COLUMNS, Path(args.out), failures)
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.retrieval import run_retrieval
 
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.device)
-    out = Path(args.out)
     rows, failures = [], []
-    for name in args.suite:
-        try:
-            suite = load_suite(name)
-            metrics = run_retrieval(model, suite, tokenizer, preprocess, args.device, texts_csv=args.texts,
-                                    ks=args.k, batch_size=args.batch_size, num_workers=args.workers,
-                                    num_resamples=args.bootstrap, bootstrap_seed=args.seed, max_images=args.max_images,
-                                    progress=not args.quiet)
-        except (SuiteError, FileNotFoundError, ValueError) as exc:
-            print(f"medclip eval retrieval: {name}: {exc}", file=sys.stderr)
-            failures.append(f"{name}: {exc}")
-            continue
-        folder = out / suite.name
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(suite):
+        return run_retrieval(model, suite, tokenizer, preprocess, args.device, texts_csv=args.texts, ks=args.k,
+                             batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
+                             bootstrap_seed=args.seed, max_images=args.max_images, progress=not args.quiet)
+
+    for suite, metrics, folder in _each_suite(args, "retrieval", evaluate, failures):
         metrics.update({"model": args.model, "pretrained": args.pretrained})
         _write_json(folder / "retrieval.json", metrics)
         rows.append((suite.name, metrics["image_to_text"]))
     columns = [f"precision@{k}" for k in args.k] + [f"recall@{k}" for k in args.k]
-    return _finish("retrieval", rows, columns, out, failures)
+    return _finish("retrieval", rows, columns, Path(args.out), failures)
 
 
 def cmd_linear_probe(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.linear_probe import run_linear_probe
 
     model, preprocess, _ = load_model(args.model, args.pretrained, args.device)
-    out = Path(args.out)
     rows, failures = [], []
-    for name in args.suite:
-        try:
-            suite = load_suite(name)
-            metrics, features, targets, logits = run_linear_probe(
-                model, suite, preprocess, args.device, train_fraction=args.train_fraction, seed=args.seed,
-                batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
-                progress=not args.quiet)
-        except (SuiteError, FileNotFoundError, ValueError) as exc:
-            print(f"medclip eval linear-probe: {name}: {exc}", file=sys.stderr)
-            failures.append(f"{name}: {exc}")
-            continue
-        folder = out / suite.name
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(suite):
+        return run_linear_probe(model, suite, preprocess, args.device, train_fraction=args.train_fraction,
+                                seed=args.seed, batch_size=args.batch_size, num_workers=args.workers,
+                                num_resamples=args.bootstrap, progress=not args.quiet)
+
+    for suite, (metrics, features, targets, logits), folder in _each_suite(args, "linear-probe", evaluate, failures):
         metrics.update({"model": args.model, "pretrained": args.pretrained})
         _write_json(folder / "linear_probe.json", metrics)
         if not args.no_plots:
@@ -183,7 +179,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
                                       np.maximum(logits, -1e9), suite.classes, metrics["confusion_matrix"], False)
             _write_json(folder / "linear_probe.json", metrics)
         rows.append((suite.name, metrics))
-    return _finish("linear_probe", rows, TABLE_COLUMNS, out, failures)
+    return _finish("linear_probe", rows, TABLE_COLUMNS, Path(args.out), failures)
 
 
 def cmd_build_suite(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from open_clip_medclip.findings import FINDING_INDEX, POSITIVE, UNCERTAIN
+from open_clip_medclip.knowledge.rules import resolve_rules_dir
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 IU_REPORTS_TGZ = SAMPLE_DATA_DIR / "iu_reports" / "NLMCXR_reports.tgz"
@@ -49,8 +50,6 @@ def rules_without(drop: Mapping[str, Sequence[str]], target: str | Path, rules_d
     Raises ValueError naming the file and prefix when a prefix matches no line, so an ablation cannot silently
     measure nothing after the rule files change.
     """
-    from open_clip_medclip.knowledge.rules import resolve_rules_dir
-
     target = Path(target)
     shutil.copytree(resolve_rules_dir(rules_dir), target)
     for name, prefixes in drop.items():

@@ -84,10 +84,9 @@ def _find_image(root: Path, name: str, index: dict[str, Path]) -> str:
 def iter_nih(csv_path: str | Path, root: str | Path | None = None, source: str = SOURCE) -> Iterator[SourceItem]:
     """Read either NIH format; the header decides (`Finding Labels` = official, `finding_labels` = bundled)."""
     csv_path = Path(csv_path)
-    if "finding_labels" in read_csv_header(csv_path):
-        yield from _iter_bundled(csv_path, Path(root) if root is not None else csv_path.parent, source)
-    else:
-        yield from _iter_official(csv_path, Path(root) if root is not None else csv_path.parent, source)
+    image_root = Path(root) if root is not None else csv_path.parent
+    reader = _iter_bundled if "finding_labels" in read_csv_header(csv_path) else _iter_official
+    yield from reader(csv_path, image_root, source)
 
 
 def _iter_official(csv_path: Path, root: Path, source: str) -> Iterator[SourceItem]:
