@@ -24,6 +24,10 @@ except ImportError:
 
 LABEL_SIMILARITIES = ("dot", "cosine")
 LOSS_KINDS = ("soft", "clip")
+# Same loss, two kernels: `square` (one logits matmul, symmetric passes) is fastest on CPU, where the matmul
+# dominates; `rows` (two matmuls, row-wise fused softmaxes) on GPUs, where column reductions are slow and
+# matmuls cheap. `auto` picks by device; tests/benchmarks/bench_loss.py measures both against ClipLoss.
+LOSS_KERNELS = ("auto", "square", "rows")
 
 
 def label_similarity(image_labels: torch.Tensor, text_labels: torch.Tensor, kind: str = "dot") -> torch.Tensor:
@@ -39,9 +43,26 @@ def label_similarity(image_labels: torch.Tensor, text_labels: torch.Tensor, kind
     raise ValueError(f"unknown label similarity {kind!r}; choose one of {LABEL_SIMILARITIES}")
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of -sum(targets * log_softmax(logits)); equals MedCLIP's `_soft_xent_loss`."""
-    return F.cross_entropy(logits, targets)
+class _RowSoftCrossEntropy(torch.autograd.Function):
+    """Mean over rows of -sum(targets * log_softmax(logits)) (MedCLIP's `_soft_xent_loss`), target rows summing to 1.
+
+    One fused log_softmax and one dot product forward; the backward is `softmax(L) - T`, computed in place from
+    the saved log-probabilities, so only one B×B matrix is kept per direction.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits, dim=1)
+        ctx.save_for_backward(log_probs, targets)
+        return -torch.dot(targets.reshape(-1), log_probs.reshape(-1)) / logits.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        log_probs, targets = ctx.saved_tensors
+        grad = log_probs.exp()
+        grad -= targets
+        grad *= grad_output / log_probs.shape[0]
+        return grad, None
 
 
 class _SymmetricSoftCrossEntropy(torch.autograd.Function):
@@ -50,20 +71,16 @@ class _SymmetricSoftCrossEntropy(torch.autograd.Function):
     Equal to averaging the image→text and text→image soft cross-entropies, since the text→image logits are
     the transpose. Using `sum(T * log_softmax(L)) = sum(T * L) - sum(logsumexp)` (target rows sum to 1) and
     the closed-form gradient `(softmax_rows(L) + softmax_cols(L) - T) / 2B` needs one logits matmul instead
-    of two and few passes over the B×B matrix: faster than `ClipLoss` at every batch size measured.
+    of two and few passes over the B×B matrix: on CPU, where the matmul dominates, faster than `ClipLoss`.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         lse_rows = torch.logsumexp(logits, dim=1)
         lse_cols = torch.logsumexp(logits, dim=0)
-        total = (
-            lse_rows.sum(dtype=torch.float64)
-            + lse_cols.sum(dtype=torch.float64)
-            - (targets * logits).sum(dtype=torch.float64)
-        )
+        total = lse_rows.sum() + lse_cols.sum() - torch.dot(targets.reshape(-1), logits.reshape(-1))
         ctx.save_for_backward(logits, lse_rows, lse_cols, targets)
-        return (total / (2 * logits.shape[0])).to(logits.dtype)
+        return total / (2 * logits.shape[0])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -98,6 +115,7 @@ class SemanticMatchingLoss(ClipLoss):
         self,
         label_similarity: str = "dot",
         temperature: float = 1.0,
+        kernel: str = "auto",
         local_loss: bool = False,
         gather_with_grad: bool = False,
         cache_labels: bool = False,
@@ -117,12 +135,23 @@ class SemanticMatchingLoss(ClipLoss):
             raise ValueError(f"unknown label similarity {label_similarity!r}; choose one of {LABEL_SIMILARITIES}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if kernel not in LOSS_KERNELS:
+            raise ValueError(f"unknown loss kernel {kernel!r}; choose one of {LOSS_KERNELS}")
         self.label_similarity = label_similarity
         self.temperature = float(temperature)
+        self.kernel = kernel
 
     def _similarity(self, image_labels: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
         similarity = label_similarity(image_labels, text_labels, self.label_similarity)
         return similarity if self.temperature == 1.0 else similarity / self.temperature
+
+    def _row_layout(self, features: torch.Tensor) -> bool:
+        """Two row-major logits matrices (`rows`) or one square matrix with symmetric passes (`square`)?"""
+        if self.kernel == "auto":
+            return (self.world_size > 1 and self.local_loss) or features.device.type != "cpu"
+        if self.kernel == "square" and self.world_size > 1 and self.local_loss:
+            raise ValueError("kernel='square' needs the full B×B logits; it cannot run with local_loss")
+        return self.kernel == "rows"
 
     def _gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return _all_gather_nograd(labels, self.world_size, self.use_horovod) if self.world_size > 1 else labels
@@ -137,8 +166,11 @@ class SemanticMatchingLoss(ClipLoss):
                 self._similarity(image_labels, all_text_labels).softmax(dim=1),
                 self._similarity(text_labels, all_image_labels).softmax(dim=1),
             )
-        similarity = self._similarity(all_image_labels, all_text_labels)
-        return similarity.softmax(dim=1), similarity.T.softmax(dim=1)
+        # two 14-wide matmuls instead of a transposed softmax: column softmaxes are slow on GPUs
+        return (
+            self._similarity(all_image_labels, all_text_labels).softmax(dim=1),
+            self._similarity(all_text_labels, all_image_labels).softmax(dim=1),
+        )
 
     def forward(
         self,
@@ -160,14 +192,15 @@ class SemanticMatchingLoss(ClipLoss):
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             image_features, text_features = image_features.float(), text_features.float()
             logit_scale = logit_scale.float()
-            if self.world_size > 1 and self.local_loss:
-                # rows of this rank against everyone's columns: two rectangular blocks, row soft CE on each
+            if self._row_layout(image_features):
+                # image→text and text→image logits as two row-major matrices (ClipLoss' layout), row soft CE on each
                 logits_per_image, logits_per_text = self.get_logits(
                     image_features, text_features, logit_scale, logit_bias=logit_bias
                 )
                 target_image, target_text = self.soft_targets(image_labels, text_labels)
                 total_loss = (
-                    soft_cross_entropy(logits_per_image, target_image) + soft_cross_entropy(logits_per_text, target_text)
+                    _RowSoftCrossEntropy.apply(logits_per_image, target_image)
+                    + _RowSoftCrossEntropy.apply(logits_per_text, target_text)
                 ) / 2
             else:
                 if self.world_size > 1:

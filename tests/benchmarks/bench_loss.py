@@ -1,6 +1,7 @@
 """Loss forward+backward: SemanticMatchingLoss vs OpenCLIP's ClipLoss, measured side by side in one run.
 
     python tests/benchmarks/bench_loss.py [--batch-sizes 256 1024 4096] [--dim 512] [--repeats 5] [--device cpu]
+        [--kernels auto square rows]
 
 Prints one JSON line per batch size and a summary; the issue's target is a ratio <= 1.10.
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from open_clip_medclip.loss import SemanticMatchingLoss
+from open_clip_medclip.loss import LOSS_KERNELS, SemanticMatchingLoss
 
 
 def _inputs(batch: int, dim: int, device: str, seed: int = 0):
@@ -44,19 +45,25 @@ def _step(loss_fn, inputs, soft: bool, device: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(batch: int, dim: int, repeats: int, device: str) -> dict:
+def measure(batch: int, dim: int, repeats: int, device: str, kernels: list[str]) -> dict:
     inputs = _inputs(batch, dim, device)
-    soft_loss, clip_loss = SemanticMatchingLoss(), ClipLoss()
+    soft_losses = {kernel: SemanticMatchingLoss(kernel=kernel) for kernel in kernels}
+    clip_loss = ClipLoss()
     for _ in range(2):  # warm-up
-        _step(soft_loss, inputs, True, device)
         _step(clip_loss, inputs, False, device)
-    soft_times, clip_times = [], []
-    for _ in range(repeats):  # interleaved so machine noise hits both alike
-        clip_times.append(_step(clip_loss, inputs, False, device))
-        soft_times.append(_step(soft_loss, inputs, True, device))
-    soft_ms, clip_ms = 1000 * statistics.median(soft_times), 1000 * statistics.median(clip_times)
-    return {"batch": batch, "dim": dim, "device": device, "soft_ms": round(soft_ms, 3),
-            "clip_ms": round(clip_ms, 3), "ratio": round(soft_ms / clip_ms, 3)}
+        for soft_loss in soft_losses.values():
+            _step(soft_loss, inputs, True, device)
+    times = {kernel: [] for kernel in ["clip", *kernels]}
+    for _ in range(repeats):  # interleaved so machine noise hits all alike
+        times["clip"].append(_step(clip_loss, inputs, False, device))
+        for kernel, soft_loss in soft_losses.items():
+            times[kernel].append(_step(soft_loss, inputs, True, device))
+    ms = {kernel: 1000 * statistics.median(values) for kernel, values in times.items()}
+    row = {"batch": batch, "dim": dim, "device": device, "clip_ms": round(ms["clip"], 3)}
+    for kernel in kernels:
+        row[f"soft_{kernel}_ms"] = round(ms[kernel], 3)
+        row[f"ratio_{kernel}"] = round(ms[kernel] / ms["clip"], 3)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,16 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kernels", nargs="+", choices=LOSS_KERNELS, default=["auto"],
+                        help="SemanticMatchingLoss kernels to time (auto = what training uses on this device)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(b, args.dim, args.repeats, args.device) for b in args.batch_sizes]
+    rows = [measure(b, args.dim, args.repeats, args.device, args.kernels) for b in args.batch_sizes]
     for row in rows:
         print(json.dumps(row))
-    ratios = ", ".join(f"B={r['batch']}: {r['ratio']:.3f}x ({r['soft_ms']:.1f} vs {r['clip_ms']:.1f} ms)" for r in rows)
-    print(f"SemanticMatchingLoss / ClipLoss forward+backward (median of {args.repeats}, {args.device}, "
-          f"{torch.get_num_threads()} threads): {ratios}")
+    for kernel in args.kernels:
+        ratios = ", ".join(
+            f"B={r['batch']}: {r[f'ratio_{kernel}']:.3f}x ({r[f'soft_{kernel}_ms']:.2f} vs {r['clip_ms']:.2f} ms)"
+            for r in rows
+        )
+        print(f"SemanticMatchingLoss[{kernel}] / ClipLoss forward+backward (median of {args.repeats}, "
+              f"{args.device}, {torch.get_num_threads()} threads): {ratios}")
     return 0
 
 

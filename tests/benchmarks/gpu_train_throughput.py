@@ -83,6 +83,29 @@ def count_step_flops(model, loss_fn, batch, device, autocast) -> float:
     return float(counter.get_total_flops())
 
 
+def profile_steps(run, steps: int, device: torch.device) -> dict:
+    """Profile `steps` steps: print the top ops by self device time; return device busy ms and kernels per step.
+
+    Busy time well under the step time means the step waits on the host (Python, kernel launches), not the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = run(steps)
+    averages = prof.key_averages()
+    on_device = device.type == "cuda"
+    sort_key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    print(averages.table(sort_by=sort_key, row_limit=25, max_name_column_width=60))
+    kernels = [e for e in prof.events() if on_device and e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time_total for e in kernels) if on_device else 0.0
+    return {
+        "profiled_step_ms": round(1000 * seconds / steps, 2),
+        "device_busy_ms_per_step": round(busy_us / 1000 / steps, 2) if on_device else None,
+        "kernels_per_step": round(len(kernels) / steps) if on_device else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="medclip-swin")
@@ -95,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (as --torchcompile does)")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many steps and print the top kernels and device busy time")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     args = parser.parse_args(argv)
 
@@ -173,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "mfu": round(achieved_tflops / peak, 4) if peak else None,
         "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
+    if args.profile:
+        result.update(profile_steps(run, args.profile, device))
     print(json.dumps(result))
     mfu = f"{100 * result['mfu']:.1f}% MFU of {peak} TFLOP/s" if peak else "MFU n/a (no peak known)"
     print(f"{args.model} on {result['device']} ({args.precision}, batch {args.batch_size}, {args.loss} loss"

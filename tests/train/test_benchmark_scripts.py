@@ -18,11 +18,15 @@ def _load(name: str):
 def test_gpu_throughput_script_runs_a_tiny_cpu_step(capsys):
     script = _load("gpu_train_throughput")
     assert script.main(["--model", "medclip-tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "2",
-                        "--steps", "1", "--warmup-steps", "1"]) == 0
-    result = json.loads(capsys.readouterr().out.splitlines()[0])
+                        "--steps", "1", "--warmup-steps", "1", "--profile", "1"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert result["samples_per_s"] > 0 and result["model_tflop_per_step"] > 0 and result["mfu"] is None
+    assert result["profiled_step_ms"] > 0 and "Self CPU time total" in out  # the profile table was printed
 
 
 def test_loss_benchmark_runs(capsys):
-    assert _load("bench_loss").main(["--batch-sizes", "16", "--dim", "8", "--repeats", "1"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["ratio"] > 0
+    assert _load("bench_loss").main(["--batch-sizes", "16", "--dim", "8", "--repeats", "1",
+                                     "--kernels", "auto", "rows"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["ratio_auto"] > 0 and row["ratio_rows"] > 0

@@ -128,3 +128,40 @@ def test_create_medclip_loss_from_args():
     assert isinstance(loss, SemanticMatchingLoss) and loss.label_similarity == "cosine" and loss.temperature == 2.0
     args.medclip_loss = "clip"
     assert isinstance(create_medclip_loss(args), LabelTolerantClipLoss)
+
+
+@pytest.mark.parametrize("similarity,temperature", [("dot", 1.0), ("cosine", 0.3)])
+def test_row_and_square_kernels_agree_in_value_and_gradient(similarity, temperature):
+    """`rows` (what GPUs run) and `square` (what CPUs run) are the same loss, gradients included."""
+    results = {}
+    for kernel in ("rows", "square"):
+        image, text, scale, il, tl = _case(9, 24, values=(0.0, 1.0, -1.0), zero_rows=3)
+        image.requires_grad_(True)
+        text.requires_grad_(True)
+        scale.requires_grad_(True)
+        loss = SemanticMatchingLoss(label_similarity=similarity, temperature=temperature, kernel=kernel)(
+            image, text, scale, image_labels=il, text_labels=tl)
+        loss.backward()
+        results[kernel] = (loss.detach(), image.grad, text.grad, scale.grad)
+    for rows, square in zip(results["rows"], results["square"], strict=True):
+        assert torch.allclose(rows, square, atol=1e-6, rtol=1e-5)
+    # and both equal autograd through the plain formula
+    image, text, scale, il, tl = _case(9, 24, values=(0.0, 1.0, -1.0), zero_rows=3)
+    image.requires_grad_(True)
+    sim = label_similarity(il, tl, similarity) / temperature
+    logits = scale * image @ text.T
+    expected = (F.cross_entropy(logits, sim.softmax(1)) + F.cross_entropy(logits.T, sim.T.softmax(1))) / 2
+    expected.backward()
+    assert torch.allclose(results["rows"][0], expected.detach(), atol=1e-6)
+    assert torch.allclose(results["rows"][1], image.grad, atol=1e-6)
+
+
+def test_kernel_choice():
+    image, text, scale, il, tl = _case(10, 4)
+    assert not SemanticMatchingLoss()._row_layout(image)  # CPU: one square matrix
+    assert SemanticMatchingLoss(kernel="rows")._row_layout(image)
+    assert SemanticMatchingLoss(local_loss=True, world_size=2)._row_layout(image)  # local loss is rectangular
+    with pytest.raises(ValueError, match="local_loss"):
+        SemanticMatchingLoss(kernel="square", local_loss=True, world_size=2)._row_layout(image)
+    with pytest.raises(ValueError, match="loss kernel"):
+        SemanticMatchingLoss(kernel="fused")
