@@ -6,7 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  # a fresh venv with torch 2.14.1 (a CUDA build on x86_64) takes ~6.6 GiB; fail clearly, not midway through pip
+  free_kib=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+    echo "tests/run.sh: only $((free_kib / 1024)) MiB free under $PWD; the new .venv needs about 7 GiB." >&2
+    df -h . >&2
+    exit 1
+  fi
+  "$PYTHON" -m venv .venv
+fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
