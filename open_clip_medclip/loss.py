@@ -137,6 +137,8 @@ class SemanticMatchingLoss(ClipLoss):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if kernel not in LOSS_KERNELS:
             raise ValueError(f"unknown loss kernel {kernel!r}; choose one of {LOSS_KERNELS}")
+        if kernel == "square" and world_size > 1 and local_loss:
+            raise ValueError("kernel='square' needs the full B×B logits; it cannot run with local_loss")
         self.label_similarity = label_similarity
         self.temperature = float(temperature)
         self.kernel = kernel
@@ -149,8 +151,6 @@ class SemanticMatchingLoss(ClipLoss):
         """Two row-major logits matrices (`rows`) or one square matrix with symmetric passes (`square`)?"""
         if self.kernel == "auto":
             return (self.world_size > 1 and self.local_loss) or features.device.type != "cpu"
-        if self.kernel == "square" and self.world_size > 1 and self.local_loss:
-            raise ValueError("kernel='square' needs the full B×B logits; it cannot run with local_loss")
         return self.kernel == "rows"
 
     def _gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -161,15 +161,12 @@ class SemanticMatchingLoss(ClipLoss):
         """Row targets for the image→text and the text→image logits, in `ClipLoss.get_logits`' layout."""
         image_labels, text_labels = image_labels.float(), text_labels.float()
         all_image_labels, all_text_labels = self._gather_labels(image_labels), self._gather_labels(text_labels)
-        if self.world_size > 1 and self.local_loss:
-            return (
-                self._similarity(image_labels, all_text_labels).softmax(dim=1),
-                self._similarity(text_labels, all_image_labels).softmax(dim=1),
-            )
+        if not (self.world_size > 1 and self.local_loss):  # every rank's rows, not only this rank's
+            image_labels, text_labels = all_image_labels, all_text_labels
         # two 14-wide matmuls instead of a transposed softmax: column softmaxes are slow on GPUs
         return (
-            self._similarity(all_image_labels, all_text_labels).softmax(dim=1),
-            self._similarity(all_text_labels, all_image_labels).softmax(dim=1),
+            self._similarity(image_labels, all_text_labels).softmax(dim=1),
+            self._similarity(text_labels, all_image_labels).softmax(dim=1),
         )
 
     def forward(
