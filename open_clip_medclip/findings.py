@@ -1,12 +1,9 @@
-"""The 14 CheXpert findings, their value coding and label-vector helpers.
+"""The 14 CheXpert findings: names and order (nothing else).
 
 Every stage (labeler, shards, streams, loss, eval) shares this order, so a label vector means the same
-thing from the report to the loss.
+thing from the report to the loss. Values, codes, policies, validation and batch transport: `labels.py`.
 """
 from __future__ import annotations
-
-import math
-from collections.abc import Iterable, Sequence
 
 CHEXPERT_FINDINGS: tuple[str, ...] = (
     "No Finding",
@@ -36,68 +33,28 @@ CHEXPERT_COMPETITION_FINDINGS: tuple[str, ...] = (
     "Pleural Effusion",
 )
 
-# Value coding of the CheXpert labeler: positive, negative, uncertain; None = not mentioned (blank).
-POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
-BLANK = None
-VALID_VALUES = (POSITIVE, NEGATIVE, UNCERTAIN)
-
-# How uncertain (-1) and blank values become training targets.
-UNCERTAINTY_POLICIES = ("zeros", "ones", "keep")  # MedCLIP default: "zeros" (-1 -> 0, blank -> 0)
-
-LabelVector = list  # list[float | None] of length NUM_FINDINGS
-
-
-def empty_labels() -> list[float | None]:
-    """A label vector with every finding unmentioned."""
-    return [BLANK] * NUM_FINDINGS
+# Transitional: value helpers that lived here before `labels.py` owned the coding. Importing them from here
+# still works (lazily, so importing this module stays free of numpy) until every caller imports `labels`.
+_MOVED = {
+    "POSITIVE": "POSITIVE", "NEGATIVE": "NEGATIVE", "UNCERTAIN": "UNCERTAIN", "BLANK": "BLANK",
+    "VALID_VALUES": "VALID_VALUES", "UNCERTAINTY_POLICIES": "TRAINING_POLICIES", "empty_labels": "empty_values",
+    "validate_labels": "validate_values", "labels_from_names": "values_from_names",
+    "positive_findings": "positive_findings",
+}
 
 
-def is_blank(value: float | None) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _apply_uncertainty_policy(values, policy: str = "zeros") -> list[float]:
+    from open_clip_medclip import labels
+
+    return [float(x) for x in labels.apply_policy(values, labels.check_policy_name(policy,
+                                                                                   labels.TRAINING_POLICIES))]
 
 
-def validate_labels(values: Sequence[float | None], where: str = "labels") -> list[float | None]:
-    """Check length and coding; return a clean list (NaN -> None). Raises ValueError naming `where`."""
-    if len(values) != NUM_FINDINGS:
-        raise ValueError(f"{where}: expected {NUM_FINDINGS} label values, got {len(values)}")
-    out: list[float | None] = []
-    for name, value in zip(CHEXPERT_FINDINGS, values):
-        if is_blank(value):
-            out.append(BLANK)
-            continue
-        value = float(value)
-        if value not in VALID_VALUES:
-            raise ValueError(f"{where}: {name!r} has value {value!r}; allowed are 1, 0, -1 or blank")
-        out.append(value)
-    return out
+def __getattr__(name: str):
+    if name == "apply_uncertainty_policy":
+        return _apply_uncertainty_policy
+    if name in _MOVED:
+        from open_clip_medclip import labels
 
-
-def apply_uncertainty_policy(values: Iterable[float | None], policy: str = "zeros") -> list[float]:
-    """Turn coded labels into numeric targets: blank -> 0; -1 -> 0 ("zeros"), 1 ("ones") or -1 ("keep")."""
-    if policy not in UNCERTAINTY_POLICIES:
-        raise ValueError(f"unknown uncertainty policy {policy!r}; choose one of {UNCERTAINTY_POLICIES}")
-    uncertain_to = {"zeros": 0.0, "ones": 1.0, "keep": -1.0}[policy]
-    out = []
-    for value in values:
-        if is_blank(value):
-            out.append(0.0)
-        elif value == UNCERTAIN:
-            out.append(uncertain_to)
-        else:
-            out.append(float(value))
-    return out
-
-
-def positive_findings(values: Iterable[float | None]) -> list[str]:
-    """Names of the findings coded positive."""
-    return [name for name, value in zip(CHEXPERT_FINDINGS, values) if value == POSITIVE]
-
-
-def labels_from_names(names: Iterable[str], value: float = POSITIVE) -> list[float | None]:
-    """A vector with the named findings set to `value` and the rest blank."""
-    labels = empty_labels()
-    for name in names:
-        if name not in FINDING_INDEX:
-            raise ValueError(f"unknown finding {name!r}; known: {', '.join(CHEXPERT_FINDINGS)}")
-        labels[FINDING_INDEX[name]] = value
-    return labels
+        return getattr(labels, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

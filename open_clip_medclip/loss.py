@@ -24,10 +24,16 @@ except ImportError:
 
 LABEL_SIMILARITIES = ("dot", "cosine")
 LOSS_KINDS = ("soft", "clip")
-# Same loss, two kernels: `square` (one logits matmul, symmetric passes) is fastest on CPU, where the matmul
-# dominates; `rows` (two matmuls, row-wise fused softmaxes) on GPUs, where column reductions are slow and
-# matmuls cheap. `auto` picks by device; tests/benchmarks/bench_loss.py measures both against ClipLoss.
+# Same loss, two logits layouts: `square` (one logits matmul, symmetric passes) is fastest on CPU, where the matmul
+# dominates; `rows` (two matmuls, row-wise fused softmaxes, ClipLoss' own layout) on GPUs, where column reductions
+# are slow and matmuls cheap. `auto` picks by device; tests/benchmarks/bench_loss.py measures both against ClipLoss.
 LOSS_KERNELS = ("auto", "square", "rows")
+# How the soft targets enter: `grouped` never builds a B×B target matrix (see `_GroupedTargets`), `dense` does
+# (softmax of the B×B label similarity, two extra B×B matrices). `auto`: grouped when the batch has few distinct
+# label vectors (real batches: hundreds of distinct rows in thousands), dense otherwise (e.g. random labels).
+TARGET_MODES = ("auto", "grouped", "dense")
+# `auto` groups when (distinct image label rows) × (distinct text label rows) <= this fraction of the logits size
+GROUPED_MAX_FRACTION = 0.25
 
 
 def label_similarity(image_labels: torch.Tensor, text_labels: torch.Tensor, kind: str = "dot") -> torch.Tensor:
@@ -72,24 +78,79 @@ class _SymmetricSoftCrossEntropy(torch.autograd.Function):
     the transpose. Using `sum(T * log_softmax(L)) = sum(T * L) - sum(logsumexp)` (target rows sum to 1) and
     the closed-form gradient `(softmax_rows(L) + softmax_cols(L) - T) / 2B` needs one logits matmul instead
     of two and few passes over the B×B matrix: on CPU, where the matmul dominates, faster than `ClipLoss`.
+    `targets=None` leaves the target term out (the grouped targets add it from the features instead).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         lse_rows = torch.logsumexp(logits, dim=1)
         lse_cols = torch.logsumexp(logits, dim=0)
-        total = lse_rows.sum() + lse_cols.sum() - torch.dot(targets.reshape(-1), logits.reshape(-1))
-        ctx.save_for_backward(logits, lse_rows, lse_cols, targets)
+        total = lse_rows.sum() + lse_cols.sum()
+        if targets is not None:
+            total = total - torch.dot(targets.reshape(-1), logits.reshape(-1))
+        ctx.has_targets = targets is not None
+        ctx.save_for_backward(logits, lse_rows, lse_cols, *([targets] if targets is not None else []))
         return total / (2 * logits.shape[0])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        logits, lse_rows, lse_cols, targets = ctx.saved_tensors
+        logits, lse_rows, lse_cols, *targets = ctx.saved_tensors
         grad = torch.sub(logits, lse_rows[:, None]).exp_()
         grad += torch.sub(logits, lse_cols[None, :]).exp_()
-        grad -= targets
+        if targets:
+            grad -= targets[0]
         grad *= grad_output / (2 * logits.shape[0])
         return grad, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _distinct_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows, group of each row). Label targets (-1/0/1) go through one int64 key per row (a 1-D unique)."""
+    codes = labels + 1
+    width = labels.shape[1]
+    if width <= 39 and bool(((codes == codes.round()) & (codes >= 0) & (codes <= 2)).all()):  # 3**39 < 2**63
+        powers = 3 ** torch.arange(width, device=labels.device, dtype=torch.long)
+        keys, group = torch.unique((codes.long() * powers).sum(1), return_inverse=True)
+        rows = (keys[:, None] // powers % 3).to(labels.dtype) - 1
+        return rows, group
+    rows, group = torch.unique(labels, dim=0, return_inverse=True)
+    return rows, group
+
+
+class _GroupedTargets:
+    """Soft targets of one batch without a B×B matrix, from its distinct label rows.
+
+    Target row i is `softmax_j(S[i, j])` with `S[i, j] = sim(image_labels[i], text_labels[j])`. Rows with equal
+    image labels have equal targets, and columns with equal text labels get equal weight, so every target is
+    `Q[group(i), group(j)]` with `Q = exp(S_u - logsumexp(S_u + log counts))` on the U distinct label rows.
+    The soft loss only needs `sum_j T[i, j] * x_j` (x = the other side's features): `(Q @ group_sums(x))[group(i)]`,
+    U × U × D work instead of B × B passes. One group table serves both sides (U distinct rows among all labels).
+    """
+
+    def __init__(self, all_image_labels: torch.Tensor, all_text_labels: torch.Tensor) -> None:
+        count = len(all_image_labels)
+        self.rows, group = _distinct_rows(torch.cat([all_image_labels, all_text_labels]))
+        self.image_group, self.text_group = group[:count], group[count:]
+        self.image_log_counts = self._group_sums(all_image_labels.new_ones(count, 1), self.image_group)[:, 0].log()
+        self.text_log_counts = self._group_sums(
+            all_text_labels.new_ones(len(all_text_labels), 1), self.text_group)[:, 0].log()
+        self.similarity: torch.Tensor | None = None  # set by the loss: sim(rows, rows) / temperature, symmetric
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _group_sums(self, values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        # index_put with accumulate: deterministic on CUDA, unlike index_add
+        return values.new_zeros(len(self.rows), values.shape[1]).index_put((group,), values, accumulate=True)
+
+    def expected(self, column_log_counts: torch.Tensor, column_features: torch.Tensor,
+                 column_group: torch.Tensor) -> torch.Tensor:
+        """Per label group a: sum over columns j of target[a, j] * column_features[j] (target rows sum to 1)."""
+        log_q = self.similarity - torch.logsumexp(self.similarity + column_log_counts[None, :], dim=1, keepdim=True)
+        return log_q.exp() @ self._group_sums(column_features, column_group)
 
 
 def _all_gather_nograd(tensor: torch.Tensor, world_size: int, use_horovod: bool) -> torch.Tensor:
@@ -116,6 +177,7 @@ class SemanticMatchingLoss(ClipLoss):
         label_similarity: str = "dot",
         temperature: float = 1.0,
         kernel: str = "auto",
+        targets: str = "auto",
         local_loss: bool = False,
         gather_with_grad: bool = False,
         cache_labels: bool = False,
@@ -139,9 +201,13 @@ class SemanticMatchingLoss(ClipLoss):
             raise ValueError(f"unknown loss kernel {kernel!r}; choose one of {LOSS_KERNELS}")
         if kernel == "square" and world_size > 1 and local_loss:
             raise ValueError("kernel='square' needs the full B×B logits; it cannot run with local_loss")
+        if targets not in TARGET_MODES:
+            raise ValueError(f"unknown soft-target mode {targets!r}; choose one of {TARGET_MODES}")
         self.label_similarity = label_similarity
         self.temperature = float(temperature)
         self.kernel = kernel
+        self.targets = targets
+        self.last_target_mode: str | None = None  # what the last call used: "grouped" or "dense"
 
     def _similarity(self, image_labels: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
         similarity = label_similarity(image_labels, text_labels, self.label_similarity)
@@ -156,11 +222,32 @@ class SemanticMatchingLoss(ClipLoss):
     def _gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return _all_gather_nograd(labels, self.world_size, self.use_horovod) if self.world_size > 1 else labels
 
+    def _gather_all(self, image_features: torch.Tensor, text_features: torch.Tensor, full: bool):
+        """(row image features, row text features, all image features, all text features, first row's column).
+
+        The same gathers as `ClipLoss.get_logits` (`full`: as with local_loss=False), done once and kept, so the
+        grouped targets use exactly the tensors (and gradient paths) the logits were built from.
+        """
+        if self.world_size == 1:
+            return image_features, text_features, image_features, text_features, 0
+        local = self.local_loss and not full
+        all_image, all_text = gather_features(
+            image_features, text_features, local_loss=local, gather_with_grad=self.gather_with_grad,
+            rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod,
+        )
+        if local:
+            return image_features, text_features, all_image, all_text, self.rank * image_features.shape[0]
+        return all_image, all_text, all_image, all_text, 0
+
     @torch.no_grad()
     def soft_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row targets for the image→text and the text→image logits, in `ClipLoss.get_logits`' layout."""
         image_labels, text_labels = image_labels.float(), text_labels.float()
         all_image_labels, all_text_labels = self._gather_labels(image_labels), self._gather_labels(text_labels)
+        return self._dense_targets(image_labels, text_labels, all_image_labels, all_text_labels)
+
+    @torch.no_grad()
+    def _dense_targets(self, image_labels, text_labels, all_image_labels, all_text_labels):
         if not (self.world_size > 1 and self.local_loss):  # every rank's rows, not only this rank's
             image_labels, text_labels = all_image_labels, all_text_labels
         # two 14-wide matmuls instead of a transposed softmax: column softmaxes are slow on GPUs
@@ -168,6 +255,17 @@ class SemanticMatchingLoss(ClipLoss):
             self._similarity(image_labels, all_text_labels).softmax(dim=1),
             self._similarity(text_labels, all_image_labels).softmax(dim=1),
         )
+
+    @torch.no_grad()
+    def _grouped(self, all_image_labels: torch.Tensor, all_text_labels: torch.Tensor, rows: int):
+        """Distinct label rows of the batch, or None where the dense targets are cheaper (few repeated rows)."""
+        if self.targets == "dense":
+            return None
+        groups = _GroupedTargets(all_image_labels, all_text_labels)
+        if self.targets == "auto" and len(groups) ** 2 > GROUPED_MAX_FRACTION * rows * len(all_text_labels):
+            return None
+        groups.similarity = self._similarity(groups.rows, groups.rows)
+        return groups
 
     def forward(
         self,
@@ -189,37 +287,71 @@ class SemanticMatchingLoss(ClipLoss):
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             image_features, text_features = image_features.float(), text_features.float()
             logit_scale = logit_scale.float()
-            if self._row_layout(image_features):
-                # image→text and text→image logits as two row-major matrices (ClipLoss' layout), row soft CE on each
-                logits_per_image, logits_per_text = self.get_logits(
-                    image_features, text_features, logit_scale, logit_bias=logit_bias
-                )
-                target_image, target_text = self.soft_targets(image_labels, text_labels)
-                total_loss = (
-                    _RowSoftCrossEntropy.apply(logits_per_image, target_image)
-                    + _RowSoftCrossEntropy.apply(logits_per_text, target_text)
-                ) / 2
+            image_labels, text_labels = image_labels.float(), text_labels.float()
+            all_image_labels, all_text_labels = self._gather_labels(image_labels), self._gather_labels(text_labels)
+            rows = self._row_layout(image_features)
+            row_image, row_text, all_image, all_text, offset = self._gather_all(image_features, text_features, not rows)
+            groups = None
+            if logit_bias is None or logit_bias.numel() == 1:
+                groups = self._grouped(all_image_labels, all_text_labels, row_image.shape[0])
+            self.last_target_mode = "dense" if groups is None else "grouped"
+            correction = None
+            if groups is not None:  # before the logits exist, so its B×D temporaries don't add to the B×B peak
+                correction = self._grouped_correction(groups, logit_scale, row_image, row_text, all_image, all_text,
+                                                      offset, diagonal=rows)
+            if rows:
+                logits_per_image = logit_scale * row_image @ all_text.T
+                if self.world_size > 1 and not self.local_loss:
+                    logits_per_text = logits_per_image.T
+                else:
+                    logits_per_text = logit_scale * row_text @ all_image.T
+                if logit_bias is not None:
+                    logits_per_image = logits_per_image + logit_bias
+                    logits_per_text = logits_per_text + logit_bias
+                if groups is None:
+                    # image→text and text→image logits as two row-major matrices, row soft CE on each
+                    target_image, target_text = self._dense_targets(
+                        image_labels, text_labels, all_image_labels, all_text_labels)
+                    total_loss = (
+                        _RowSoftCrossEntropy.apply(logits_per_image, target_image)
+                        + _RowSoftCrossEntropy.apply(logits_per_text, target_text)
+                    ) / 2
+                else:
+                    # soft CE_i = lse_i - sum_j T_ij x_ij = InfoNCE_i + x_ii - sum_j T_ij x_ij: ClipLoss' own kernel
+                    # plus a correction linear in the features (bias cancels: target rows sum to 1)
+                    labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
+                    clip = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+                    total_loss = clip + correction
             else:
-                if self.world_size > 1:
-                    image_features, text_features = gather_features(
-                        image_features,
-                        text_features,
-                        local_loss=False,
-                        gather_with_grad=self.gather_with_grad,
-                        rank=self.rank,
-                        world_size=self.world_size,
-                        use_horovod=self.use_horovod,
-                    )
-                logits = logit_scale * image_features @ text_features.T
+                logits = logit_scale * all_image @ all_text.T
                 if logit_bias is not None:
                     logits = logits + logit_bias
-                with torch.no_grad():
-                    similarity = self._similarity(
-                        self._gather_labels(image_labels.float()), self._gather_labels(text_labels.float())
-                    )
-                    targets = similarity.softmax(dim=1) + similarity.softmax(dim=0)
-                total_loss = _SymmetricSoftCrossEntropy.apply(logits, targets)
+                if groups is None:
+                    with torch.no_grad():
+                        similarity = self._similarity(all_image_labels, all_text_labels)
+                        targets = similarity.softmax(dim=1) + similarity.softmax(dim=0)
+                    total_loss = _SymmetricSoftCrossEntropy.apply(logits, targets)
+                else:
+                    total_loss = _SymmetricSoftCrossEntropy.apply(logits, None) + correction
+                    if logit_bias is not None:
+                        total_loss = total_loss - logit_bias.reshape(())
         return {"semantic_matching_loss": total_loss} if output_dict else total_loss
+
+    def _grouped_correction(self, groups: _GroupedTargets, logit_scale, row_image, row_text, all_image, all_text,
+                            offset: int, diagonal: bool) -> torch.Tensor:
+        """(1/2n) sum over both directions and the n rows of (x_own - sum_j T_ij x_ij), x = scale * features·features.
+
+        Without `diagonal` only the `- sum_j T_ij x_ij` part (the square kernel has no InfoNCE term to correct).
+        """
+        n = row_image.shape[0]
+        rows = slice(offset, offset + n)
+        expected_text = groups.expected(groups.text_log_counts, all_text, groups.text_group)
+        expected_image = groups.expected(groups.image_log_counts, all_image, groups.image_group)
+        total = -(_dot(row_image, expected_text[groups.image_group[rows]])
+                  + _dot(row_text, expected_image[groups.text_group[rows]]))
+        if diagonal:
+            total = total + _dot(row_image, all_text[rows]) + _dot(row_text, all_image[rows])
+        return logit_scale * total / (2 * n)
 
 
 class LabelTolerantClipLoss(ClipLoss):

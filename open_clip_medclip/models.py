@@ -148,6 +148,26 @@ class MedclipMaskedPooler(MedclipPooler):
     masked = True
 
 
+def enable_fused_attention(model: nn.Module) -> int:
+    """Run every timm attention module of `model` through `F.scaled_dot_product_attention`; returns how many.
+
+    timm (1.0) fuses most attention by default but leaves Swin's `WindowAttention` unfused as "experimental"; the
+    fused path computes the same attention (relative-position bias and shift mask go in as the attention mask; see
+    tests/train/test_compile.py) with fewer, larger kernels on GPUs. timm's own off switches still win
+    (TIMM_FUSED_ATTN=0, exportable mode): then nothing changes.
+    """
+    from timm.layers import use_fused_attn
+
+    if not use_fused_attn():
+        return 0
+    switched = 0
+    for module in model.modules():
+        if type(module).__module__.startswith("timm.") and getattr(module, "fused_attn", None) is False:
+            module.fused_attn = True
+            switched += 1
+    return switched
+
+
 def folder_has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
 

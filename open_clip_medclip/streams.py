@@ -1,38 +1,52 @@
 """Label-aware WebDataset streams for MedCLIP training inside OpenCLIP's data machinery.
 
 MedCLIP decouples images and texts: an image without a report is paired at load time with a sentence from a
-labelled sentence bank that shares one of its positive findings, so image-only and text-only corpora both
-feed training. This module keeps `open_clip_train.data.get_wds_dataset`'s orchestration (shard shuffle,
-resampling, `--train-data-upsampling-factors`, epochs, `with_epoch`) and replaces only its tail:
+labelled sentence bank that shares one of its positive findings, so image-only and text-only corpora both feed
+training. `get_medclip_wds_dataset` has `open_clip_train.data.get_wds_dataset`'s signature and *is* that function:
+`open_clip_medclip.plugins.openclip_data` calls it and splices the MedCLIP stages into the pipeline it builds
+(shard lists, resampling, upsampling factors, shard shuffle, node/worker split, `with_epoch` and the batch
+arithmetic stay upstream's):
 
-    image-bearing samples -> decode -> pick a text (own report sentence | bank sentence) -> transform,
-    tokenize -> pack [tokens | image labels | text labels] into one int64 row -> batch
+    tar reader (any URL; samples counted per shard) -> seeded sample shuffle -> image-bearing samples ->
+    check (the shard validator's own `check_sample`; one decode; its `decoded_image_problems`), skips named ->
+    pick a text (own report sentence | bank sentence) -> image transform -> batch -> tokenize, trim to the
+    batch's longest text -> pack labels
 
-Packing the labels into the text tensor keeps every batch a plain `(images, texts)` tuple, so OpenCLIP's
-`train_one_epoch` runs unchanged; the model subclass in `plugins.openclip_train` strips the label columns.
-Shard format: `tarballs_spec/` (json `kind`/`labels`/`sentences`, label order = `findings.CHEXPERT_FINDINGS`).
+Start-up reads only the shard index files written beside the shards (`medclip shards build` / `medclip shards
+index DIR`): per-shard sample counts by kind, the build's label policy and the sentence bank — plus each build's
+small `provenance.json` for the image size the validator checks (the index does not record it) — never an image
+shard, once per rank. URLs are anything OpenCLIP/webdataset read: local paths, brace patterns, `::` groups,
+`pipe:` commands, `http(s)://`, and fsspec URLs (`s3://` ... with the fsspec backend installed). The index is
+looked up at the shards' URL prefix, or given with `--medclip-index LOCATION[::LOCATION...]` (one per group).
+
+Labels travel through OpenCLIP's `(images, texts)` batches packed behind the token ids by
+`open_clip_medclip.labels.pack_batch` (small integer codes and a marker column, any token width); the model
+subclass in `plugins.openclip_train` unpacks them. The `--medclip-uncertain` policy is applied exactly once, here,
+to the raw codes, after checking it against the build's recorded policy.
 """
 from __future__ import annotations
 
-import json
+import io
 import logging
-import math
-import os
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS, apply_uncertainty_policy, validate_labels
-from .models import MEDCLIP_MEAN, MEDCLIP_STD, pad_to_square
+from . import labels as label_contract
+from .augment import GrayToNormalizedRGB, PadToSquare, medclip_train_transform  # noqa: F401  (re-exported)
+from .errors import UserError
+from .findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
+
+log = logging.getLogger("open_clip_medclip.streams")
 
 NO_FINDING = FINDING_INDEX["No Finding"]
 SAMPLE_KINDS = ("paired", "image", "text")
+IMAGE_KINDS = ("paired", "image")
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
 
 # How the pairing stage chose a sample's text (kept on the sample for tests and statistics).
@@ -41,219 +55,549 @@ RULE_SHARED_FINDING = "shared-finding"  # bank sentence sharing a positive findi
 RULE_NO_FINDING = "no-finding"  # image without positive findings: a No Finding bank sentence
 RULE_FALLBACK = "fallback-no-finding"  # no bank sentence has any of the image's findings (as MedCLIP does)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Label transport: [token ids (ctx) | image labels (L) | text labels (L)] as one int64 row.
-# --------------------------------------------------------------------------------------------------------------
-def pack_labels(tokens: torch.Tensor, image_labels: Sequence[float], text_labels: Sequence[float]) -> torch.Tensor:
-    """One int64 row carrying token ids and both label vectors; float64 label bits ride in int64 columns."""
-    labels = torch.cat(
-        [torch.as_tensor(image_labels, dtype=torch.float64), torch.as_tensor(text_labels, dtype=torch.float64)]
-    )
-    return torch.cat([tokens.reshape(-1).long(), labels.view(torch.int64)])
-
-
-def unpack_labels(
-    texts: torch.Tensor, context_length: int, num_labels: int = NUM_FINDINGS
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Inverse of `pack_labels` on a batch; returns (tokens, None, None) when `texts` is not packed."""
-    if texts.ndim != 2 or texts.shape[1] != context_length + 2 * num_labels:
-        return texts, None, None
-    labels = texts[:, context_length:].contiguous().view(torch.float64).float()
-    return texts[:, :context_length], labels[:, :num_labels], labels[:, num_labels:]
+# Findings that count for the shared-finding rule (No Finding excluded), as bits of a per-sentence mask.
+_PAIRING_FINDINGS = tuple(f for f in range(NUM_FINDINGS) if f != NO_FINDING)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sentence bank
+# Label transport (kept for old callers: the one contract is `open_clip_medclip.labels`)
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
+def pack_labels(tokens: torch.Tensor, image_labels, text_labels) -> torch.Tensor:
+    """Deprecated alias of `labels.pack_batch` (one row or a batch); use `open_clip_medclip.labels`."""
+    return label_contract.pack_batch(tokens, torch.as_tensor(image_labels, dtype=torch.float32),
+                                     torch.as_tensor(text_labels, dtype=torch.float32))
+
+
+def unpack_labels(texts: torch.Tensor, context_length: int | None = None, num_labels: int = NUM_FINDINGS):
+    """Deprecated alias of `labels.unpack_batch` (any token width; the arguments are ignored)."""
+    return label_contract.unpack_batch(texts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lean sentence bank: one UTF-8 buffer + offsets, an int8 code matrix, per-finding index arrays
+# --------------------------------------------------------------------------------------------------------------
 class SentenceBank:
-    """Labelled sentences indexed by positive finding, for drawing texts that match an image's labels."""
+    """Deduplicated labelled sentences indexed by positive finding, for drawing texts that match an image.
 
-    texts: list[str]
-    labels: np.ndarray  # [N, NUM_FINDINGS] float32, uncertainty policy applied
-    by_finding: list[np.ndarray] = field(init=False, repr=False)
+    Storage is a handful of flat arrays, so forked loader workers share it copy-on-write: `buffer` (all texts as
+    UTF-8, one `bytes` object), `offsets` (int64 [N+1]), `codes` (raw int8 label codes [N, 14]), `masks` (int16
+    bit mask of each sentence's positive findings under the policy) and `by_finding` (int32 index arrays of the
+    sentences positive for each finding). No per-sentence Python object exists until a sentence is drawn.
+    """
 
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.float32).reshape(len(self.texts), NUM_FINDINGS)
-        self.by_finding = [np.flatnonzero(self.labels[:, f] == 1.0) for f in range(NUM_FINDINGS)]
+    def __init__(self, buffer: bytes | np.ndarray, offsets: np.ndarray, codes: np.ndarray,
+                 policy: str = "zeros") -> None:
+        label_contract.check_policy_name(policy, label_contract.TRAINING_POLICIES)
+        self.buffer = np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, bytes | bytearray) else \
+            np.ascontiguousarray(buffer, dtype=np.uint8)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.codes = np.ascontiguousarray(codes, dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
+        if len(self.offsets) != len(self.codes) + 1:
+            raise ValueError(f"sentence bank: {len(self.codes)} label rows but {len(self.offsets) - 1} texts")
+        self.policy = policy
+        positive = label_contract.apply_policy(self.codes, policy) == 1.0 if len(self.codes) else \
+            np.zeros((0, NUM_FINDINGS), dtype=bool)
+        bits = (1 << np.arange(NUM_FINDINGS, dtype=np.int32)).astype(np.int32)
+        bits[NO_FINDING] = 0
+        self.masks = (positive.astype(np.int32) @ bits).astype(np.int32)
+        self.by_finding = [np.flatnonzero(positive[:, f]).astype(np.int32) for f in range(NUM_FINDINGS)]
+        self._sizes = [len(a) for a in self.by_finding]
+        # policy lookup by code (codes were checked to lie in BLANK_CODE..1 by apply_policy above)
+        self._table = label_contract.apply_policy(np.arange(label_contract.BLANK_CODE, 2, dtype=np.int8), policy)
 
-    def __len__(self) -> int:
-        return len(self.texts)
+    # construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], codes: np.ndarray, policy: str = "zeros") -> SentenceBank:
+        """From sentence texts and their raw codes [N, 14]; stripped duplicates keep their first labels."""
+        first: dict[str, int] = {}
+        for row, text in enumerate(texts):
+            text = text.strip()
+            if text and text not in first:
+                first[text] = row
+        encoded = [t.encode("utf-8") for t in first]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        rows = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        codes = np.asarray(codes, dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
+        return cls(b"".join(encoded), offsets, codes[rows], policy)
 
     @classmethod
     def from_entries(cls, entries: Iterable[tuple[str, Sequence[float | None]]], policy: str = "zeros") -> SentenceBank:
-        """Build from (sentence, coded labels) pairs; duplicate sentences keep their first labels."""
-        seen: dict[str, list[float]] = {}
-        for text, labels in entries:
-            text = text.strip()
-            if text and text not in seen:
-                seen[text] = apply_uncertainty_policy(labels, policy)
-        return cls(list(seen), np.array(list(seen.values()), dtype=np.float32).reshape(len(seen), NUM_FINDINGS))
+        """From (sentence, label values) pairs (1/0/-1/None); values are validated by the label contract."""
+        texts, vectors = [], []
+        for text, values in entries:
+            texts.append(text)
+            vectors.append(values)
+        return cls.from_texts(texts, label_contract.codes_matrix(vectors, "sentence bank"), policy)
+
+    @classmethod
+    def concat(cls, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], policy: str) -> SentenceBank:
+        """One bank from several (buffer, offsets, codes) parts, e.g. several builds' indexes; an entry (text and
+        codes) found in several parts is kept once. A single part is used as it is (no copy)."""
+        parts = [p for p in parts if len(p[1]) > 1]
+        if not parts:
+            return cls(b"", np.zeros(1, dtype=np.int64), np.zeros((0, NUM_FINDINGS)), policy)
+        if len(parts) == 1:
+            return cls(*parts[0], policy=policy)
+        seen: dict[tuple[bytes, bytes], None] = {}
+        for buffer, offsets, part_codes in parts:
+            buffer = np.asarray(buffer, dtype=np.uint8)
+            part_codes = np.asarray(part_codes, dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
+            for row, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+                seen.setdefault((buffer[a:b].tobytes(), part_codes[row].tobytes()), None)
+        texts = [t for t, _ in seen]
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in texts], out=offsets[1:])
+        codes = np.frombuffer(b"".join(c for _, c in seen), dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
+        return cls(b"".join(texts), offsets, codes, policy)
+
+    # access ------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def text(self, index: int) -> str:
+        return self.buffer[self.offsets[index]:self.offsets[index + 1]].tobytes().decode("utf-8")
+
+    @property
+    def texts(self) -> list[str]:
+        """All texts as a list (tests and inspection; training never builds it)."""
+        return [self.text(i) for i in range(len(self))]
+
+    def targets(self, index: int) -> np.ndarray:
+        """Float32 training targets of one sentence under the bank's policy."""
+        return self._table[self.codes[index] - label_contract.BLANK_CODE]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All targets [N, 14] under the bank's policy (tests and inspection)."""
+        return label_contract.apply_policy(self.codes, self.policy)
 
     def counts(self) -> dict[str, int]:
         """Number of bank sentences positive for each finding."""
-        return {name: int(len(idx)) for name, idx in zip(CHEXPERT_FINDINGS, self.by_finding, strict=True)}
+        return {name: size for name, size in zip(CHEXPERT_FINDINGS, self._sizes, strict=True)}
 
-    def draw(self, image_labels: Sequence[float], rng: random.Random) -> tuple[int, str]:
-        """Index of a sentence for an image (policy-applied labels) and the rule that chose it.
+    def nbytes(self) -> int:
+        return self.buffer.nbytes + self.offsets.nbytes + self.codes.nbytes + self.masks.nbytes + \
+            sum(a.nbytes for a in self.by_finding)
 
-        A sentence sharing any positive finding (No Finding excluded) is drawn uniformly from the union of
-        the matching findings' sentences (rejection sampling, so no union is built); images without
-        positives get a No Finding sentence; if the bank has none of the image's findings, a No Finding
+    # drawing -----------------------------------------------------------------------------------------------
+    def draw(self, image_targets: Sequence[float], rng: random.Random) -> tuple[int, str]:
+        """Index of a sentence for an image (policy-applied targets) and the rule that chose it.
+
+        A sentence sharing any positive finding (No Finding excluded) is drawn uniformly from the union of the
+        matching findings' sentences: a finding is picked in proportion to its pool size and a sentence in its
+        pool, then kept with probability 1/(number of the image's findings it has) — so no union is built. Images
+        without positives get a No Finding sentence; if the bank has none of the image's findings, a No Finding
         sentence (MedCLIP's fallback).
         """
-        positives = [
-            f for f in range(NUM_FINDINGS) if f != NO_FINDING and image_labels[f] == 1.0 and len(self.by_finding[f])
-        ]
-        if positives:
-            sizes = [len(self.by_finding[f]) for f in positives]
+        sizes = self._sizes
+        if isinstance(image_targets, np.ndarray):
+            image_targets = image_targets.tolist()
+        image_mask = 0
+        has_positive = False
+        pools = []
+        total = 0
+        for f in _PAIRING_FINDINGS:
+            if image_targets[f] == 1.0:
+                has_positive = True
+                if sizes[f]:
+                    image_mask |= 1 << f
+                    pools.append(f)
+                    total += sizes[f]
+        if total:
+            by_finding, masks = self.by_finding, self.masks
             while True:
-                finding = rng.choices(positives, weights=sizes, k=1)[0]
-                index = int(self.by_finding[finding][rng.randrange(len(self.by_finding[finding]))])
-                shared = sum(1 for f in positives if self.labels[index, f] == 1.0)
-                if rng.random() * shared < 1.0:
+                pick = rng.randrange(total)
+                for f in pools:
+                    if pick < sizes[f]:
+                        break
+                    pick -= sizes[f]
+                index = int(by_finding[f][pick])
+                shared = (int(masks[index]) & image_mask).bit_count()
+                if shared == 1 or rng.random() * shared < 1.0:
                     return index, RULE_SHARED_FINDING
-        has_positive = any(image_labels[f] == 1.0 for f in range(NUM_FINDINGS) if f != NO_FINDING)
         rule = RULE_FALLBACK if has_positive else RULE_NO_FINDING
         pool = self.by_finding[NO_FINDING]
         if not len(pool):
-            if not len(self.texts):
-                raise ValueError("the sentence bank is empty: add text-only or paired shards (or --medclip-bank-data)")
-            return rng.randrange(len(self.texts)), RULE_FALLBACK
+            if not len(self):
+                raise UserError("the sentence bank is empty: add text-only or paired shards (or --medclip-bank-data)")
+            return rng.randrange(len(self)), RULE_FALLBACK
         return int(pool[rng.randrange(len(pool))]), rule
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Shard scan: sample kinds per shard and the sentence bank, read from the json (and txt) members only
+# URLs and the shard index
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class ShardScan:
-    """What a set of shards holds: per-shard kind counts and the bank entries of their texts."""
-
-    kinds: dict[str, Counter]
-    bank_entries: list[tuple[str, list[float | None]]]
-
-    def image_count(self, url: str) -> int:
-        counts = self.kinds.get(url, Counter())
-        return counts["paired"] + counts["image"]
-
-    def image_shards(self, urls: Sequence[str]) -> list[str]:
-        return [u for u in urls if self.image_count(u) > 0]
-
-
-def _sample_key(member_name: str) -> tuple[str, str]:
-    """Split a tar member name the way webdataset does (`base_plus_ext`): key up to the first dot of the basename."""
-    directory, base = os.path.split(member_name)
-    stem, _, ext = base.partition(".")
-    return os.path.join(directory, stem), ext.lower()
-
-
-def _check_meta(meta: object, where: str) -> dict:
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(meta).__name__}")
-    kind = meta.get("kind")
-    if kind not in SAMPLE_KINDS:
-        raise ValueError(f"{where}: 'kind' is {kind!r}; expected one of {SAMPLE_KINDS} (not a medclip shard?)")
-    validate_labels(meta.get("labels") or [], where=f"{where} labels")
-    for i, sentence in enumerate(meta.get("sentences") or []):
-        if not isinstance(sentence, dict) or not isinstance(sentence.get("text"), str):
-            raise ValueError(f"{where}: sentences[{i}] must be an object with a 'text' string")
-        validate_labels(sentence.get("labels") or [], where=f"{where} sentences[{i}] labels")
-    return meta
-
-
-def scan_shards(urls: Sequence[str], bank_kinds: Sequence[str] = ("text", "paired")) -> ShardScan:
-    """Read the json/txt members of local shard files; collect kind counts and labelled sentences."""
-    kinds: dict[str, Counter] = {}
-    entries: list[tuple[str, list[float | None]]] = []
-    for url in urls:
-        if not os.path.isfile(url):
-            raise FileNotFoundError(
-                f"{url}: shard not found (medclip streams scan local shard files to build the sentence bank)"
-            )
-        metas: dict[str, dict] = {}
-        reports: dict[str, str] = {}
-        try:
-            with tarfile.open(url, "r") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _sample_key(member.name)
-                    if ext not in ("json", "txt"):
-                        continue
-                    payload = tar.extractfile(member).read()
-                    if ext == "json":
-                        metas[key] = _check_meta(json.loads(payload), f"{url}:{member.name}")
-                    else:
-                        reports[key] = payload.decode("utf-8")
-        except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{url}: unreadable medclip shard ({exc})") from exc
-        counts: Counter = Counter()
-        for key, meta in metas.items():
-            counts[meta["kind"]] += 1
-            if meta["kind"] not in bank_kinds:
-                continue
-            sentences = meta.get("sentences") or []
-            if sentences:
-                entries.extend((s["text"], s["labels"]) for s in sentences)
-            elif meta["kind"] == "text" and reports.get(key, "").strip():
-                entries.append((reports[key], meta["labels"]))
-        kinds[url] = counts
-    return ShardScan(kinds, entries)
-
-
-def expand_shard_groups(urls: str | Sequence[str], weights: str | None = None) -> list[tuple[list[str], float | None]]:
+def expand_shard_groups(urls: str | Sequence[str], weights: str | Sequence[float] | None = None
+                        ) -> list[tuple[list[str], float | None]]:
     """`a::b` brace-notation groups (and `--train-data-upsampling-factors`) as [(shard list, factor)]."""
     import braceexpand
 
     groups = urls.split("::") if isinstance(urls, str) else [list(urls)]
-    factors: list[float | None]
     if weights is None:
-        factors = [None] * len(groups)
+        factors: list[float | None] = [None] * len(groups)
     else:
-        factors = [float(w) for w in weights.split("::")]
+        factors = [float(w) for w in (weights.split("::") if isinstance(weights, str) else weights)]
         if len(factors) != len(groups):
-            raise ValueError(f"{len(groups)} data groups but {len(factors)} upsampling factors ({weights!r})")
-    out = []
-    for group, factor in zip(groups, factors, strict=True):
-        shards = group if isinstance(group, list) else list(braceexpand.braceexpand(group))
-        out.append((shards, factor))
-    return out
+            raise UserError(f"{len(groups)} data groups but {len(factors)} upsampling factors ({weights!r})")
+    return [(group if isinstance(group, list) else list(braceexpand.braceexpand(group)), factor)
+            for group, factor in zip(groups, factors, strict=True)]
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, the key of the index's per-shard table (for `pipe:` URLs, its last `.tar` word)."""
+    words = [w.strip("'\"") for w in url.split()]
+    tars = [w for w in words if w.endswith(".tar")]
+    path = tars[-1] if tars else url
+    if "://" in path:
+        path = urlparse(path).path
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class ShardCounts:
+    """Samples of one shard by kind, as the index records them."""
+
+    kinds: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.kinds.values())
+
+    @property
+    def images(self) -> int:
+        return sum(self.kinds.get(k, 0) for k in IMAGE_KINDS)
+
+
+class _IndexCache:
+    """Shard indexes by index URL, each read once (only `index.json`; the bank on demand)."""
+
+    def __init__(self) -> None:
+        self.indexes: dict[str, object] = {}
+        self.provenance_sides: dict[str, int | None] = {}
+
+    def get(self, location: str):
+        from .shards.index import index_url, read_index
+
+        url = index_url(location)
+        if url not in self.indexes:
+            self.indexes[url] = read_index(url)
+        return url, self.indexes[url]
+
+    def lookup(self, url: str, location: str | None) -> tuple[str, ShardCounts]:
+        """(index URL, counts) of the shard at `url`; its index is `location`, or found at the shard's prefix."""
+        where, index = self.get(location or url)
+        name = shard_name(url)
+        if name not in index.shards:
+            raise UserError(f"{url}: shard {name!r} is not in the shard index {where} ({len(index.shards)} shards "
+                            f"listed); rewrite it with `medclip shards index DIR` or fix --medclip-index")
+        return where, ShardCounts({k: int(v) for k, v in index.shards[name].kinds.items()})
+
+    def longer_side(self, index_location: str, shard_url: str) -> int | None:
+        """The build's `provenance.image.longer_side`, for the decoded-image size check `validate` also runs.
+
+        The shard index does not record it, so `provenance.json` (a few hundred bytes, written beside the shards
+        by every build) is read once per build and rank: at the index's prefix, else at the shard's own prefix
+        (an index given with --medclip-index may live elsewhere). Without a readable provenance the size check is
+        off (None) and the log says so; the mode check and every other check still run.
+        """
+        from .shards.format import PROVENANCE_FILE
+        from .shards.index import index_url, sibling_url
+
+        candidates = list(dict.fromkeys([sibling_url(index_location, PROVENANCE_FILE),
+                                         sibling_url(index_url(shard_url), PROVENANCE_FILE)]))
+        for url in candidates:
+            if url not in self.provenance_sides:
+                self.provenance_sides[url] = _read_longer_side(url)
+            if self.provenance_sides[url] is not None:
+                return self.provenance_sides[url]
+        return None
+
+
+def _read_longer_side(url: str) -> int | None:
+    import json
+
+    from .shards.index import ShardIndexError, read_url
+
+    try:
+        document = json.loads(read_url(url, "build provenance").decode("utf-8"))
+    except ShardIndexError:
+        log.info("medclip streams: no build provenance at %s: image sizes are not checked against the build's "
+                 "longer side (image mode and every other check still run)", url)
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.warning("medclip streams: %s is not valid JSON (%s): image sizes are not checked", url, exc)
+        return None
+    side = (document.get("image") or {}).get("longer_side") if isinstance(document, dict) else None
+    if not isinstance(side, int) or isinstance(side, bool):
+        log.warning("medclip streams: %s gives no integer image.longer_side: image sizes are not checked", url)
+        return None
+    return side
+
+
+@dataclass
+class StreamPlan:
+    """What the streams need at start-up, read from the shard indexes only."""
+
+    image_urls: list[str]
+    image_weights: list[float] | None
+    expected: dict[str, int]  # shard URL -> samples (all kinds) the index lists
+    policies: dict[str, str]  # shard URL -> the build's recorded label policy
+    checksums: dict[str, dict[str, str]] | None  # shard URL -> {key: content checksum} (--medclip-verify-checksums)
+    image_samples: int
+    bank: SentenceBank
+    policy: str
+    indexes: dict[str, object] = field(default_factory=dict)
+    longer_sides: dict[str, int | None] = field(default_factory=dict)  # shard URL -> provenance image.longer_side
+
+    def summary(self) -> str:
+        return (f"{len(self.image_urls)} image shards, {self.image_samples} image samples, sentence bank "
+                f"{len(self.bank)} sentences, label policy {self.policy!r} (from indexes at "
+                f"{', '.join(self.indexes)})")
+
+
+def _explicit_indexes(value: str | None, groups: int) -> list[str | None]:
+    if not value:
+        return [None] * groups
+    locations = value.split("::")
+    if len(locations) == 1:
+        return locations * groups
+    if len(locations) != groups:
+        raise UserError(f"--medclip-index has {len(locations)} locations for {groups} data groups ({value!r})")
+    return locations
+
+
+def _bank_part(index, kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(text buffer, offsets, codes) of an index's sentence bank, restricted to entries seen in `kinds`."""
+    arrays = index.bank_arrays()
+    buffer, offsets, codes = arrays.text_bytes, arrays.text_offsets, arrays.codes
+    if {"paired", "text"} <= set(kinds):
+        return buffer, offsets, codes
+    keep = arrays.select_kinds(kinds)
+    texts = [arrays.text(int(i)) for i in keep]
+    encoded = [t.encode("utf-8") for t in texts]
+    sub_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=sub_offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), sub_offsets, codes[keep]
+
+
+def plan_streams(args, is_train: bool) -> StreamPlan:
+    """Image-bearing shards (with upsampling factors), expected counts and the sentence bank, from the indexes."""
+    urls = args.train_data if is_train else args.val_data
+    weights = getattr(args, "train_data_upsampling_factors", None) if is_train else None
+    policy = getattr(args, "medclip_uncertain", None) or label_contract.DEFAULT_TRAINING_POLICY
+    groups = expand_shard_groups(urls, weights)
+    explicit = _explicit_indexes(getattr(args, "medclip_index", None), len(groups))
+    cache = _IndexCache()
+    image_urls: list[str] = []
+    image_weights: list[float] | None = [] if weights is not None else None
+    expected: dict[str, int] = {}
+    policies: dict[str, str] = {}
+    longer_sides: dict[str, int | None] = {}
+    image_samples = 0
+    bank_locations: list[str] = []
+    needs_bank = False
+    explicit_of: dict[str, str | None] = {}
+    for (shards, factor), location in zip(groups, explicit, strict=True):
+        for url in shards:
+            explicit_of[url] = location
+            where, counts = cache.lookup(url, location)
+            bank_locations.append(where)
+            expected[url] = counts.total
+            policies[url] = cache.indexes[where].label_policy
+            if counts.images:
+                image_urls.append(url)
+                longer_sides[url] = cache.longer_side(where, url)
+                image_samples += counts.images
+                needs_bank = needs_bank or counts.kinds.get("image", 0) > 0
+                if image_weights is not None:
+                    image_weights.append(factor)
+    extra_bank = getattr(args, "medclip_bank_data", None)
+    if extra_bank:
+        bank_groups = expand_shard_groups(extra_bank)
+        bank_explicit = _explicit_indexes(getattr(args, "medclip_bank_index", None), len(bank_groups))
+        for (shards, _), location in zip(bank_groups, bank_explicit, strict=True):
+            bank_locations += [cache.lookup(url, location)[0] for url in shards]
+    if not is_train and not getattr(args, "medclip_val_own_bank", False) and getattr(args, "train_data", None):
+        train_groups = expand_shard_groups(args.train_data)
+        train_explicit = _explicit_indexes(getattr(args, "medclip_index", None), len(train_groups))
+        for (shards, _), location in zip(train_groups, train_explicit, strict=True):
+            bank_locations += [cache.lookup(url, location)[0] for url in shards]
+    if not image_urls:
+        raise UserError(f"{urls}: no shard holds images (paired or image kind, says the index); nothing to train on")
+    for location, index in cache.indexes.items():
+        label_contract.check_policy(getattr(index, "label_policy", "raw"), policy, where=f"shards at {location}")
+    bank_kinds = tuple(getattr(args, "medclip_bank_kinds", None) or ("text", "paired"))
+    parts = [_bank_part(cache.indexes[loc], bank_kinds) for loc in dict.fromkeys(bank_locations)]
+    bank = SentenceBank.concat(parts, policy)
+    if needs_bank and not len(bank):
+        raise UserError(f"{urls}: image-only shards need a sentence bank, but no text-only or paired shard has "
+                        "sentences (add text shards to the data or pass --medclip-bank-data)")
+    checksums = None
+    if getattr(args, "medclip_verify_checksums", False):  # one more index file, read once per rank
+        checksums = {}
+        for url in image_urls:
+            where, _ = cache.get(explicit_of.get(url) or url)
+            checksums[url] = cache.indexes[where].sample_checksums().get(shard_name(url), {})
+    return StreamPlan(image_urls, image_weights, expected, policies, checksums, image_samples, bank, policy,
+                      dict(cache.indexes), longer_sides)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pipeline stages
+# Per-worker stream statistics: samples per shard against the index, named skips, the epoch summary
 # --------------------------------------------------------------------------------------------------------------
-def tar_samples_nothrow(src, handler=None):
-    """`open_clip_train.data.tarfile_to_samples_nothrow` that also works with webdataset 1.x.
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
 
-    webdataset 1.x ends every shard with an empty EOF marker dict, which open_clip_train 3.3's grouper cannot
-    read (KeyError 'fname'); dropping the markers keeps its tolerant grouping on both 0.2.x and 1.x.
+
+class StreamStats:
+    """Counts of one loader worker: samples read per shard (compared with the index), skipped samples by reason."""
+
+    def __init__(self, expected: dict[str, int], rank: int = 0) -> None:
+        self.expected = expected
+        self.rank = rank
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples = 0
+        self.shards_read = 0
+        self.short: list[str] = []
+        self.skipped: Counter = Counter()
+        self.batches = 0
+
+    def shard_done(self, url: str, count: int, error: str | None = None) -> None:
+        self.shards_read += 1
+        expected = self.expected.get(url)
+        if error is not None or (expected is not None and count != expected):
+            what = f"{count} of {expected}" if expected is not None else str(count)
+            line = f"{shard_name(url)}: read {what} samples" + (f" ({error})" if error else "")
+            self.short.append(line)
+            log.warning("medclip streams: %s: read %s samples the shard index lists%s", url, what,
+                        f" before an error: {error}" if error else " (truncated or changed shard?)")
+
+    def skip(self, url: str, key: str, reason: str) -> None:
+        kind = reason.split(":", 1)[0]
+        self.skipped[kind] += 1
+        log.warning("medclip streams: skipped sample %s in %s: %s", key, url, reason)
+
+    def summary(self, epoch: int | None) -> str:
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
+        text = (f"medclip streams epoch {epoch} rank {self.rank} worker {_worker_id()}: {self.samples} samples read "
+                f"from {self.shards_read} shards, {skipped} skipped" + (f" ({reasons})" if reasons else ""))
+        if self.short:
+            text += f"; shards not matching the index: {'; '.join(self.short)}"
+        return text
+
+    def report(self, epoch: int | None) -> None:
+        (log.warning if self.short or self.skipped else log.info)(self.summary(epoch))
+        self.reset()
+
+
+class ShardReader:
+    """Pipeline stage: `{"url": ...}` dicts in, the samples of each shard out, counted per shard.
+
+    Opens any URL webdataset or fsspec opens (`plugins.openclip_data.open_url`). A shard whose stream ends
+    early is compared with the index when it ends; errors name the shard.
     """
-    from open_clip_train.data import group_by_keys_nothrow, log_and_continue
-    from webdataset.tariterators import tar_file_expander, url_opener
 
-    handler = handler or log_and_continue
-    files = (f for f in tar_file_expander(url_opener(src, handler=handler), handler=handler) if "fname" in f)
-    return group_by_keys_nothrow(files, handler=handler)
+    def __init__(self, stats: StreamStats) -> None:
+        self.stats = stats
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        from open_clip_medclip.plugins.openclip_data import shard_samples
+
+        for shard in source:
+            url = shard["url"] if isinstance(shard, dict) else str(shard)
+            errors: list[str] = []
+
+            def handler(exc: BaseException, errors=errors) -> bool:
+                first = exc.args[0] if exc.args else ""
+                errors.append(f"{type(exc).__name__}: {str(first).split(' @ ')[0]}".rstrip(": "))
+                return True
+
+            count = 0
+            for sample in shard_samples(url, handler):
+                count += 1
+                self.stats.samples += 1
+                yield sample
+            self.stats.shard_done(url, count, "; ".join(errors) if errors else None)
 
 
-def has_image_and_meta(sample: dict) -> bool:
-    return "json" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)
+def check_stream_sample(sample: dict, policy: str, checksum: str | None = None) -> tuple[dict | None, list[str]]:
+    """The shard validator's own per-sample check (`medclip shards validate` runs the same `check_sample`).
+
+    Images are checked by their magic bytes here and fully decoded by the caller, once; `policy` is the build's
+    recorded label policy (values such a build cannot have written are problems, e.g. NaN or -1 under zeros);
+    `checksum` (with `--medclip-verify-checksums`) is the sample's content checksum from the shard index.
+    """
+    from .shards.validate import check_sample
+
+    key = sample.get("__key__", "?")
+    document, problems = check_sample(key, sample, shard=sample.get("__url__", ""), policy=policy,
+                                      checksum=checksum)
+    return document, [p.message if not p.member else f"{p.member}: {p.message}" for p in problems]
+
+
+class CheckedSamples:
+    """Pipeline stage: image-bearing samples that pass the shard validator's checks, decoded; others skipped.
+
+    The validator's own functions decide: `check_sample` before the decode, `decoded_image_problems` (mode L, the
+    build's longer side from `longer_sides`) after it; the image is decoded once. Each skip is logged with the
+    shard, the key and the reason and counted for the epoch summary.
+    """
+
+    def __init__(self, stats: StreamStats, policies: dict[str, str] | None = None,
+                 checksums: dict[str, dict[str, str]] | None = None,
+                 longer_sides: dict[str, int | None] | None = None) -> None:
+        self.stats = stats
+        self.policies = policies or {}
+        self.checksums = checksums
+        self.longer_sides = longer_sides or {}
+
+    def prepare(self, sample: dict) -> dict | None:
+        from PIL import Image
+
+        from .shards.validate import decoded_image_problems
+
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        checksum = self.checksums.get(url, {}).get(key, "") if self.checksums is not None else None
+        meta, problems = check_stream_sample(sample, self.policies.get(url, label_contract.RAW_POLICY), checksum)
+        if problems:
+            self.stats.skip(url, key, "invalid sample: " + "; ".join(problems))
+            return None
+        if meta.get("kind") not in IMAGE_KINDS:
+            return None
+        ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
+        try:
+            image = Image.open(io.BytesIO(sample[ext]))
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - any decoder failure skips the sample, named
+            self.stats.skip(url, key, f"corrupt image: {key}.{ext} does not decode ({type(exc).__name__}: {exc})")
+            return None
+        problems = decoded_image_problems(f"{key}.{ext}", image, self.longer_sides.get(url))
+        if problems:
+            self.stats.skip(url, key, "invalid sample: " + "; ".join(f"{p.member}: {p.message}" for p in problems))
+            return None
+        return {"__key__": key, "__url__": url, "image": image, "meta": meta, "txt": sample.get("txt")}
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        for sample in source:
+            prepared = self.prepare(sample)
+            if prepared is not None:
+                yield prepared
 
 
 def epoch_rng(purpose: str, seed: int, rank: int, epoch) -> random.Random:
     """A python RNG seeded by (purpose, seed, rank, dataloader worker, epoch): fresh per worker and epoch, and
     identical when a run is repeated or resumed. `epoch` is a SharedEpoch, an int or None."""
-    info = torch.utils.data.get_worker_info()
-    worker = info.id if info is not None else 0
     epoch = epoch.get_value() if hasattr(epoch, "get_value") else int(epoch or 0)
-    return random.Random(f"medclip-streams:{purpose}:{seed}:{rank}:{worker}:{epoch}")
+    return random.Random(f"medclip-streams:{purpose}:{seed}:{rank}:{_worker_id()}:{epoch}")
 
 
 class PairTexts:
-    """Pipeline stage giving each image its text and both label vectors.
+    """Pipeline stage giving each image its text and both target vectors (the policy applied once, here).
 
     The RNG is re-seeded at every pass from (seed, rank, dataloader worker, epoch), so pairings differ per
     worker and per epoch yet repeat exactly across runs with the same seed.
@@ -266,44 +610,33 @@ class PairTexts:
         self.rank = rank
         self.epoch = epoch  # open_clip_train.data.SharedEpoch, an int, or None
 
-    def _rng(self) -> random.Random:
-        return epoch_rng("pair-texts", self.seed, self.rank, self.epoch)
+    def targets(self, values) -> np.ndarray:
+        return label_contract.apply_policy(label_contract.to_codes(values), self.policy)
 
     def pair(self, sample: dict, rng: random.Random) -> dict:
-        key = sample.get("__key__", "?")
-        meta = sample["json"]
-        if isinstance(meta, bytes | str):
-            meta = json.loads(meta)
+        meta = sample["meta"]
         kind = meta.get("kind")
-        image = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-        coded = validate_labels(meta.get("labels") or [], where=f"{key}.json labels")
-        image_labels = apply_uncertainty_policy(coded, self.policy)
+        image_targets = self.targets(meta["labels"])
         sentences = meta.get("sentences") or []
         if kind == "paired":
             if sentences:
                 chosen = sentences[rng.randrange(len(sentences))]
-                text, text_labels = chosen["text"], apply_uncertainty_policy(chosen["labels"], self.policy)
+                text, text_targets = chosen["text"], self.targets(chosen["labels"])
             else:
-                report = sample.get("txt", "")
+                report = sample.get("txt") or b""
                 text = report.decode("utf-8") if isinstance(report, bytes) else str(report)
-                text_labels = image_labels
+                text_targets = image_targets
             rule = RULE_OWN_REPORT
         elif kind == "image":
-            index, rule = self.bank.draw(image_labels, rng)
-            text, text_labels = self.bank.texts[index], self.bank.labels[index].tolist()
+            index, rule = self.bank.draw(image_targets, rng)
+            text, text_targets = self.bank.text(index), self.bank.targets(index)
         else:
-            raise ValueError(f"{key}: kind {kind!r} has no image")
-        return {
-            "__key__": key,
-            "image": image,
-            "text": text,
-            "image_labels": image_labels,
-            "text_labels": [float(v) for v in text_labels],
-            "rule": rule,
-        }
+            raise ValueError(f"{sample['__key__']}: kind {kind!r} has no image")
+        return {"__key__": sample["__key__"], "image": sample["image"], "text": text,
+                "image_labels": image_targets, "text_labels": text_targets, "rule": rule}
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        rng = self._rng()
+        rng = epoch_rng("pair-texts", self.seed, self.rank, self.epoch)
         # Image augmentations downstream draw from torch's RNG: seed it per (worker, epoch) too, so a resumed
         # run sees exactly the batches the uninterrupted run saw.
         torch.manual_seed(epoch_rng("augment", self.seed, self.rank, self.epoch).getrandbits(63))
@@ -312,242 +645,172 @@ class PairTexts:
 
 
 class SeededShuffle:
-    """`wds.shuffle` with its buffer RNG seeded per (rank, worker, epoch); webdataset seeds it from pid and time."""
+    """The sample shuffle buffer with its RNG seeded per (rank, worker, epoch); webdataset seeds from pid/time."""
 
     def __init__(self, bufsize: int, initial: int, seed: int = 0, rank: int = 0, epoch=None) -> None:
         self.bufsize, self.initial = bufsize, initial
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        from webdataset.filters import _shuffle
+        from open_clip_medclip.plugins.openclip_data import seeded_shuffle
 
-        rng = epoch_rng("shuffle", self.seed, self.rank, self.epoch)
-        return _shuffle(iter(source), bufsize=self.bufsize, initial=self.initial, rng=rng)
+        return seeded_shuffle(source, self.bufsize, self.initial, epoch_rng("shuffle", self.seed, self.rank,
+                                                                            self.epoch))
 
 
 class ToTrainingSample:
-    """(image tensor, text, both label vectors) from a paired sample; tokenization waits for the whole batch."""
+    """(image tensor, text, image targets, text targets); tokenization waits for the whole batch."""
 
     def __init__(self, preprocess_image: Callable) -> None:
         self.preprocess_image = preprocess_image
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, str, torch.Tensor]:
-        labels = torch.tensor(sample["image_labels"] + sample["text_labels"], dtype=torch.float64)
-        return self.preprocess_image(sample["image"]), sample["text"], labels
+    def __call__(self, sample: dict) -> tuple:
+        return (self.preprocess_image(sample["image"]), sample["text"],
+                torch.from_numpy(np.asarray(sample["image_labels"], dtype=np.float32)),
+                torch.from_numpy(np.asarray(sample["text_labels"], dtype=np.float32)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text trimming (issue 15) and packing
+# --------------------------------------------------------------------------------------------------------------
+def trim_tokens(tokens: torch.Tensor, multiple: int = 8, pad_id: int = 0) -> torch.Tensor:
+    """Drop the padding columns behind the batch's longest text, keeping a width that is a multiple of `multiple`.
+
+    `multiple` 0 keeps the tokenizer's full width; 1 trims to exactly the longest text (what MedCLIP's collator
+    does with `padding=True`); 8 (default for masked poolers) rounds up for tensor-core friendly shapes.
+    """
+    if multiple <= 0 or tokens.ndim != 2 or tokens.shape[1] == 0:
+        return tokens
+    used = tokens.ne(pad_id).any(dim=0).nonzero()
+    longest = int(used[-1]) + 1 if len(used) else 1
+    width = min(tokens.shape[1], -(-longest // multiple) * multiple)
+    return tokens if width == tokens.shape[1] else tokens[:, :width].contiguous()
+
+
+def text_multiple_for(args) -> int:
+    """`--medclip-text-multiple`: an int, or `auto` (default) from the model's text tower.
+
+    auto: HF text towers with MedCLIP's reference pooler (`medclip_pooler`, which averages padding too) trim to
+    exactly the longest text, as the authors' collator pads; other HF towers mask padding, so their embeddings do
+    not depend on it and the width is rounded up to a multiple of 8; OpenCLIP's own text transformer: no trimming.
+    """
+    value = getattr(args, "medclip_text_multiple", None)
+    if value not in (None, "auto"):
+        value = int(value)
+        if value < 0:
+            raise UserError(f"--medclip-text-multiple must be auto or >= 0, got {value}")
+        return value
+    model_name = getattr(args, "model", None)
+    if not model_name:
+        return 8
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    if not text_cfg.get("hf_model_name"):
+        return 0
+    return 1 if text_cfg.get("hf_pooler_type") == "medclip_pooler" else 8
+
+
+def tokenizer_pad_id(tokenizer) -> int:
+    inner = getattr(tokenizer, "tokenizer", None)
+    pad = getattr(inner, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) else 0
 
 
 class PackBatch:
-    """Tokenize a batch's texts in one call and pack the labels behind the tokens: `(images, packed texts)`.
+    """Tokenize a batch's texts in one call, trim the padding columns, pack the labels: `(images, packed texts)`.
 
     One tokenizer call per batch is about 3x cheaper per text than one per sample.
     """
 
-    def __init__(self, tokenizer: Callable) -> None:
+    def __init__(self, tokenizer: Callable, multiple: int = 8, pad_id: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.multiple = multiple
+        self.pad_id = tokenizer_pad_id(tokenizer) if pad_id is None else pad_id
 
     def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        images, texts, labels = batch
-        tokens = self.tokenizer(list(texts)).long()
-        return images, torch.cat([tokens, labels.view(torch.int64)], dim=1)
+        images, texts, image_targets, text_targets = batch
+        tokens = trim_tokens(self.tokenizer(list(texts)).long(), self.multiple, self.pad_id)
+        return images, label_contract.pack_batch(tokens, image_targets, text_targets)
 
 
-# MedCLIP's training augmentation (reference §1.4); evaluation uses the model's own preprocessing
-# --------------------------------------------------------------------------------------------------------------
-class PadToSquare:
-    """MedCLIP's `_pad_img` as a picklable transform (8-bit grayscale on a black square)."""
+class EpochReport:
+    """Last stage: passes batches through; logs the worker's stream summary at the end of each epoch."""
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return pad_to_square(image)
+    def __init__(self, stats: StreamStats, worker_batches: int | None, epoch=None) -> None:
+        self.stats = stats
+        self.worker_batches = worker_batches
+        self.epoch = epoch
 
+    def _epoch(self) -> int | None:
+        return self.epoch.get_value() if hasattr(self.epoch, "get_value") else self.epoch
 
-class GrayToNormalizedRGB:
-    """8-bit grayscale PIL image -> normalised 3-channel tensor, as MedCLIP's collator repeats the channel.
-
-    Normalising the single channel before repeating it is ~3x cheaper than converting to RGB first; with
-    per-channel statistics that differ, the channels are normalised separately.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
-        self.uniform = bool((self.mean == self.mean[0]).all() and (self.std == self.std[0]).all())
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        from torchvision.transforms.functional import pil_to_tensor
-
-        gray = pil_to_tensor(image.convert("L")).float().div_(255.0)
-        if self.uniform:
-            return gray.sub_(self.mean[0]).div_(self.std[0]).expand(len(self.mean), -1, -1)
-        return (gray - self.mean) / self.std
-
-
-def medclip_train_transform(
-    image_size: int = 224,
-    mean: Sequence[float] = (MEDCLIP_MEAN,) * 3,
-    std: Sequence[float] = (MEDCLIP_STD,) * 3,
-) -> Callable:
-    """MedCLIP's pre-training augmentation: pad, flip, jitter, affine, resize to 256/224 × size, random crop."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            PadToSquare(),
-            T.RandomHorizontalFlip(0.5),
-            T.ColorJitter(0.2, 0.2),
-            T.RandomAffine(degrees=10, translate=(0.0625, 0.0625), scale=(0.8, 1.1)),
-            T.Resize((round(image_size * 256 / 224),) * 2),
-            T.RandomCrop(image_size),
-            GrayToNormalizedRGB(mean, std),
-        ]
-    )
+    def __call__(self, source: Iterable) -> Iterator:
+        for batch in source:
+            self.stats.batches += 1
+            if self.worker_batches and self.stats.batches >= self.worker_batches:
+                self.stats.report(self._epoch())
+            yield batch
+        if not self.worker_batches:
+            self.stats.report(self._epoch())
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The dataset function (same signature as open_clip_train.data.get_wds_dataset)
+# The dataset function (upstream's get_wds_dataset with the MedCLIP stages spliced in)
 # --------------------------------------------------------------------------------------------------------------
-def build_stream_inputs(args, is_train: bool) -> tuple[list[str], list[float] | None, SentenceBank, ShardScan]:
-    """Image-bearing shards (with their upsampling factors), the sentence bank and the scan of all shards."""
-    urls = args.train_data if is_train else args.val_data
-    weights = args.train_data_upsampling_factors if is_train else None
-    groups = expand_shard_groups(urls, weights)
-    bank_urls = [u for shards, _ in groups for u in shards]
-    extra_bank = getattr(args, "medclip_bank_data", None)
-    if extra_bank:
-        bank_urls += [u for shards, _ in expand_shard_groups(extra_bank) for u in shards]
-    if not is_train and not getattr(args, "medclip_val_own_bank", False) and args.train_data:
-        bank_urls += [u for shards, _ in expand_shard_groups(args.train_data) for u in shards]
-    bank_kinds = tuple(getattr(args, "medclip_bank_kinds", ("text", "paired")))
-    scan = scan_shards(list(dict.fromkeys(bank_urls)), bank_kinds=bank_kinds)
-    bank = SentenceBank.from_entries(scan.bank_entries, getattr(args, "medclip_uncertain", "zeros"))
-    image_urls: list[str] = []
-    image_weights: list[float] | None = [] if weights is not None else None
-    for shards, factor in groups:
-        kept = scan.image_shards(shards)
-        image_urls += kept
-        if image_weights is not None:
-            image_weights += [factor] * len(kept)
-    if not image_urls:
-        raise ValueError(f"{urls}: no shard holds images (paired or image kind); nothing to train on")
-    needs_bank = any(scan.kinds[u]["image"] for u in image_urls)
-    if needs_bank and not len(bank):
-        raise ValueError(
-            f"{urls}: image-only shards need a sentence bank, but no text-only or paired shard has sentences "
-            "(add text shards to the data or pass --medclip-bank-data)"
-        )
-    return image_urls, image_weights, bank, scan
-
-
 def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False, tokenizer=None):
     """Drop-in for `open_clip_train.data.get_wds_dataset` that yields label-packed (image, text) batches."""
     import webdataset as wds
-    from open_clip_train.data import (
-        _SAMPLE_SHUFFLE_INITIAL,
-        _SAMPLE_SHUFFLE_SIZE,
-        _SHARD_SHUFFLE_INITIAL,
-        _SHARD_SHUFFLE_SIZE,
-        DataInfo,
-        ResampledShards2,
-        SharedEpoch,
-        detshuffle2,
-        log_and_continue,
-    )
 
-    image_urls, image_weights, bank, scan = build_stream_inputs(args, is_train)
-    resampled = getattr(args, "dataset_resampled", False) and is_train
-    if is_train:
-        num_samples = args.train_num_samples or sum(scan.image_count(u) for u in image_urls)
-    else:
-        num_samples = args.val_num_samples or 0
-    if is_train and image_weights is not None and not resampled:
-        raise ValueError("--train-data-upsampling-factors needs --dataset-resampled (as in open_clip_train)")
-    logging.info(
-        "medclip streams (%s): %d image shards, %d image samples, sentence bank %d sentences",
-        "train" if is_train else "val",
-        len(image_urls),
-        sum(scan.image_count(u) for u in image_urls),
-        len(bank),
-    )
+    from open_clip_medclip.plugins.openclip_data import spliced_wds_dataset
 
-    shared_epoch = SharedEpoch(epoch=epoch)
-    if resampled:
-        # Explicit uniform weights: open_clip_train's expand_urls only accepts a URL list together with weights.
-        weights = image_weights if image_weights is not None else [1.0] * len(image_urls)
-        pipeline = [ResampledShards2(image_urls, weights=weights, deterministic=True, epoch=shared_epoch)]
-    else:
-        pipeline = [wds.SimpleShardList(image_urls)]
-    if is_train:
-        if not resampled:
-            pipeline += [
-                detshuffle2(
-                    bufsize=_SHARD_SHUFFLE_SIZE, initial=_SHARD_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch
-                ),
-                wds.split_by_node,
-                wds.split_by_worker,
-            ]
-        pipeline += [
-            tar_samples_nothrow,
-            SeededShuffle(
-                _SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, seed=args.seed, rank=getattr(args, "rank", 0),
-                epoch=shared_epoch,
-            ),
+    plan = plan_streams(args, is_train)
+    resampled = bool(getattr(args, "dataset_resampled", False)) and is_train
+    if is_train and plan.image_weights is not None and not resampled:
+        raise UserError("--train-data-upsampling-factors needs --dataset-resampled (as in open_clip_train)")
+    rank = getattr(args, "rank", 0)
+    multiple = text_multiple_for(args)
+    log.info("medclip streams (%s): %s; text columns %s", "train" if is_train else "val", plan.summary(),
+             {0: "not trimmed (tokenizer context)", 1: "trimmed to the batch's longest text"}.get(
+                 multiple, f"trimmed to the batch's longest text rounded up to a multiple of {multiple}"))
+
+    def build_stages(shared_epoch, worker_batches, shuffle):
+        stats = StreamStats(plan.expected, rank)
+        shuffle_stage = None
+        if shuffle is not None:
+            shuffle_stage = SeededShuffle(shuffle[0], shuffle[1], seed=args.seed, rank=rank, epoch=shared_epoch)
+        tail = [
+            CheckedSamples(stats, plan.policies, plan.checksums, plan.longer_sides),
+            PairTexts(plan.bank, policy=plan.policy, seed=args.seed, rank=rank, epoch=shared_epoch),
+            wds.map(ToTrainingSample(preprocess_img)),
+            wds.batched(args.batch_size, partial=not is_train),
+            wds.map(PackBatch(tokenizer, multiple)),
+            EpochReport(stats, worker_batches, shared_epoch),
         ]
-    else:
-        pipeline += [wds.split_by_worker, wds.tarfile_to_samples(handler=log_and_continue)]
-    pipeline += [
-        wds.select(has_image_and_meta),
-        wds.decode("pil", handler=log_and_continue),
-        PairTexts(
-            bank,
-            policy=getattr(args, "medclip_uncertain", "zeros"),
-            seed=args.seed,
-            rank=getattr(args, "rank", 0),
-            epoch=shared_epoch,
-        ),
-        wds.map(ToTrainingSample(preprocess_img)),
-        wds.batched(args.batch_size, partial=not is_train),
-        wds.map(PackBatch(tokenizer)),
-    ]
-    dataset = wds.DataPipeline(*pipeline)
+        return ShardReader(stats), shuffle_stage, tail
 
-    if is_train:
-        if not resampled:
-            assert len(image_urls) >= args.workers * args.world_size, "number of shards must be >= total workers"
-        round_fn = math.floor if floor else math.ceil
-        global_batch_size = args.batch_size * args.world_size
-        num_batches = round_fn(num_samples / global_batch_size)
-        num_workers = max(1, args.workers)
-        num_worker_batches = round_fn(num_batches / num_workers)
-        num_batches = num_worker_batches * num_workers
-        num_samples = num_batches * global_batch_size
-        dataset = dataset.with_epoch(num_worker_batches)
-    else:
-        num_batches = math.ceil(num_samples / args.batch_size)
-
-    dataloader = wds.WebLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=args.workers, persistent_workers=args.workers > 0
-    )
-    dataloader.num_batches = num_batches
-    dataloader.num_samples = num_samples
-    return DataInfo(dataloader=dataloader, shared_epoch=shared_epoch)
+    info = spliced_wds_dataset(args, preprocess_img, is_train, epoch, floor, tokenizer, shards=plan.image_urls,
+                               weights=plan.image_weights, num_samples=plan.image_samples,
+                               build_stages=build_stages)
+    info.dataloader.medclip_plan = plan
+    return info
 
 
-def iter_pairs(urls: str, bank_data: str | None = None, policy: str = "zeros", seed: int = 0, epoch: int = 0):
-    """Yield paired samples (image decoded as PIL, text, labels, rule) from shards, in shard order.
+def iter_pairs(urls: str, bank_data: str | None = None, policy: str = "zeros", seed: int = 0, epoch: int = 0,
+               index: str | None = None):
+    """(bank, iterator of paired samples: PIL image, text, targets, rule) from shards, in shard order.
 
-    For inspection and tests: the same pairing stage as training, without shuffling or batching.
+    For inspection and tests: the same reading, checking and pairing stages as training, without shuffling.
     """
-    import webdataset as wds
+    from types import SimpleNamespace
 
-    groups = expand_shard_groups(urls)
-    shard_list = [u for shards, _ in groups for u in shards]
-    bank_urls = shard_list + ([u for s, _ in expand_shard_groups(bank_data) for u in s] if bank_data else [])
-    scan = scan_shards(list(dict.fromkeys(bank_urls)))
-    bank = SentenceBank.from_entries(scan.bank_entries, policy)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(scan.image_shards(shard_list)),
-        wds.tarfile_to_samples(),
-        wds.select(has_image_and_meta),
-        wds.decode("pil"),
-        PairTexts(bank, policy=policy, seed=seed, epoch=epoch),
-    )
-    return bank, iter(pipeline)
+    args = SimpleNamespace(train_data=urls, val_data=None, train_data_upsampling_factors=None,
+                           medclip_bank_data=bank_data, medclip_uncertain=policy, medclip_index=index)
+    plan = plan_streams(args, is_train=True)
+    stats = StreamStats(plan.expected)
+    stages = [ShardReader(stats), CheckedSamples(stats, plan.policies, plan.checksums, plan.longer_sides),
+              PairTexts(plan.bank, policy=plan.policy, seed=seed, epoch=epoch)]
+    source: Iterable = ({"url": url} for url in plan.image_urls)
+    for stage in stages:
+        source = stage(source)
+    return plan.bank, source

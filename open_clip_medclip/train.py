@@ -7,7 +7,15 @@ semantic matching loss and label-aware streams plugged in by `open_clip_medclip.
     medclip train --model medclip-swin --train-data 'shards/train-{000000..000099}.tar' --batch-size 100 ...
     torchrun --nproc_per_node 2 -m open_clip_medclip.train -- --model medclip-tiny ... --dist-backend gloo
 
-Checkpoints are plain OpenCLIP checkpoints: `open_clip.create_model(name, pretrained='epoch_N.pt')` loads them.
+Checkpoints are plain OpenCLIP checkpoints: `open_clip.create_model(name, pretrained='epoch_N.pt')` loads them;
+they are written atomically and `--resume latest` skips unreadable ones (`open_clip_medclip.checkpoints`).
+
+`medclip train --install-autoload` (opt-in) makes OpenCLIP's own `python -m open_clip_train.main --model medclip-*`
+(and `torchrun -m open_clip_train.main -- ...`) do the same, with the same `--medclip-*` flags, whenever the data
+are MedCLIP shards (see `open_clip_medclip.autoload`).
+
+Mistakes are one line (`medclip train: ...`, exit 2 through the `medclip` entry point): an unknown flag with close
+matches and a short usage, an unknown model name with close matches, `--device cuda` on a machine without CUDA.
 """
 from __future__ import annotations
 
@@ -17,19 +25,13 @@ import json
 import os
 import sys
 
-from open_clip_medclip.findings import UNCERTAINTY_POLICIES
+from open_clip_medclip.errors import UserError, did_you_mean, resolve_device, unknown_name_error
+from open_clip_medclip.labels import TRAINING_POLICIES
 from open_clip_medclip.loss import LABEL_SIMILARITIES, LOSS_KINDS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `--medclip-*` flags only; everything else goes to open_clip_train's own parser."""
-    parser = argparse.ArgumentParser(
-        prog="medclip train",
-        description="Train MedCLIP inside open_clip_train. All open_clip_train flags are accepted as well "
-        "(see the second help section).",
-        add_help=False,
-        allow_abbrev=False,
-    )
+def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `--medclip-*` flags, shared by `medclip train` and plain `open_clip_train.main` with the autoload."""
     group = parser.add_argument_group("MedCLIP options")
     group.add_argument(
         "--medclip-loss",
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--medclip-uncertain",
-        choices=UNCERTAINTY_POLICIES,
+        choices=TRAINING_POLICIES,
         default="zeros",
         help="how uncertain (-1) labels count for pairing and targets; blank is always 0 (MedCLIP: zeros)",
     )
@@ -68,6 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample kinds whose sentences go into the bank (comma-separated; default text,paired)",
     )
     group.add_argument(
+        "--medclip-index",
+        default=None,
+        metavar="LOCATION[::LOCATION...]",
+        help="shard index location per --train-data group (default: the folder of each group's shards)",
+    )
+    group.add_argument(
+        "--medclip-bank-index",
+        default=None,
+        metavar="LOCATION[::LOCATION...]",
+        help="shard index location per --medclip-bank-data group (default: beside those shards)",
+    )
+    group.add_argument(
+        "--medclip-val-own-bank",
+        action="store_true",
+        help="validation data draw texts from their own sentence bank instead of the training bank",
+    )
+    group.add_argument(
+        "--medclip-text-multiple",
+        default="auto",
+        metavar="auto|N",
+        help="trim each batch's texts to its longest text rounded up to a multiple of N (0: keep the tokenizer's "
+        "width; auto: from the model's text tower)",
+    )
+    group.add_argument(
         "--medclip-augment",
         choices=("medclip", "openclip"),
         default="medclip",
@@ -81,15 +107,91 @@ def build_parser() -> argparse.ArgumentParser:
         help="built evaluation suite (folder from `medclip eval build-suite`, repeatable) evaluated zero-shot on the "
         "master rank every --zeroshot-frequency epochs and at the end; metrics go to results.jsonl and tb/wandb",
     )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`medclip train`'s own flags; everything else goes to open_clip_train's own parser."""
+    parser = argparse.ArgumentParser(
+        prog="medclip train",
+        description="Train MedCLIP inside open_clip_train. All open_clip_train flags are accepted as well "
+        "(see the second help section).",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    add_medclip_options(parser)
+    group = parser.add_argument_group("autoload (plain `python -m open_clip_train.main` trains MedCLIP too)")
     group.add_argument(
         "--install-autoload",
         action="store_true",
-        help="write a .pth hook so plain `python -m open_clip_train.main --model medclip-*` finds our models",
+        help="write a .pth hook so plain `python -m open_clip_train.main --model medclip-*` (and torchrun) train "
+        "MedCLIP with the semantic matching loss, and open_clip/clip_benchmark find our models",
     )
     group.add_argument("--uninstall-autoload", action="store_true", help="remove the .pth hook")
     group.add_argument("--autoload-site-dir", default=None, help="where the hook goes (default: site-packages)")
-    group.add_argument("-h", "--help", action="store_true", help="show this help and open_clip_train's")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and open_clip_train's")
     return parser
+
+
+SHORT_USAGE = (
+    "usage: medclip train --model NAME --train-data SHARDS [open_clip_train options] [--medclip-* options]\n"
+    "       medclip train --install-autoload | --uninstall-autoload [--autoload-site-dir DIR]\n"
+    "Run 'medclip train --help' for every option."
+)
+
+
+class _ParserError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+def _check_trainer_flags(trainer_argv: list[str], medclip_parser: argparse.ArgumentParser) -> None:
+    """Run open_clip_train's own parser on the flags; a mistake is one line with close matches and a short
+    usage (its own error would print 55 lines of open_clip_train usage)."""
+    from open_clip_train.params import parse_args
+
+    original_error = argparse.ArgumentParser.error
+
+    def error(self, message):
+        raise _ParserError(self, message)
+
+    argparse.ArgumentParser.error = error
+    try:
+        parse_args(trainer_argv)
+    except _ParserError as exc:
+        message = str(exc)
+        known = [*exc.parser._option_string_actions, *medclip_parser._option_string_actions]
+        if message.startswith("unrecognized arguments:"):
+            hints = []
+            for token in message.split(":", 1)[1].split():
+                if token.startswith("-"):
+                    hints.append(f"{token}{did_you_mean(token.split('=')[0], known)}")
+            message = "unrecognized arguments: " + ", ".join(hints) if hints else message
+        print(SHORT_USAGE, file=sys.stderr)
+        raise UserError(message) from None
+    finally:
+        argparse.ArgumentParser.error = original_error
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    value = None
+    for index, token in enumerate(argv):
+        if token == flag and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif token.startswith(flag + "="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def _check_model_name(name: str | None) -> None:
+    if not name or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    import open_clip
+
+    known = open_clip.list_models()
+    if name.replace("/", "-") not in known:
+        raise unknown_name_error("model", name, known)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> None:
@@ -151,17 +253,25 @@ def main(argv: list[str] | None = None) -> int:
         _print_help(parser)
         return 0
 
-    import open_clip_medclip  # noqa: F401  (registers the MedCLIP model configs)
-    from open_clip_medclip.plugins import openclip_train
-
     if medclip_args.install_autoload or medclip_args.uninstall_autoload:
+        from open_clip_medclip import autoload
+
         if medclip_args.install_autoload:
-            files = openclip_train.install_autoload(medclip_args.autoload_site_dir)
+            files = autoload.install_autoload(medclip_args.autoload_site_dir)
             print(json.dumps({"installed": files}))
         else:
-            files = openclip_train.uninstall_autoload(medclip_args.autoload_site_dir)
+            files = autoload.uninstall_autoload(medclip_args.autoload_site_dir)
             print(json.dumps({"removed": files}))
         return 0
+
+    _check_trainer_flags(trainer_argv, parser)
+    device = _flag_value(trainer_argv, "--device")
+    if device is not None:
+        resolve_device(device)  # the device policy of every command: a missing accelerator is a user error
+    import open_clip_medclip  # noqa: F401  (registers the MedCLIP model configs)
+
+    _check_model_name(_flag_value(trainer_argv, "--model") or "RN50")
+    from open_clip_medclip.plugins import openclip_train
 
     for key in ("install_autoload", "uninstall_autoload", "autoload_site_dir", "help"):
         delattr(medclip_args, key)
@@ -187,4 +297,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from open_clip_medclip.cli import run_command
+
+    raise SystemExit(run_command("train", lambda: main()))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from open_clip_medclip.errors import UserError
+
 OFFICIAL_SWIN = "official-medclip-vit"  # MedCLIP's "ViT" is Swin-T
 OFFICIAL_RESNET = "official-medclip-resnet50"
 OPEN_CLIP = "open_clip"
@@ -28,8 +30,8 @@ MAX_ZIP_COMPRESSION_RATIO = 50  # fp32 weights barely compress; a higher ratio m
 WEIGHT_MEMBER_NAMES = ("pytorch_model.bin", "model.safetensors", "open_clip_model.safetensors")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that can't be used, with the file named and the problem said."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that can't be used, with the file named and the problem said (one line via `medclip`)."""
 
 
 @dataclass
@@ -189,13 +191,40 @@ def model_vision_arch(model: torch.nn.Module) -> str:
     return "other"
 
 
+def resolve_source(source: str | os.PathLike) -> Path:
+    """The checkpoint file that `source` names: the file itself, or the one checkpoint inside a folder (the unzipped
+    release holds a single pytorch_model.bin). A missing path, an empty folder or an ambiguous one is an error
+    naming the path and what was expected."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a regular file")
+    if (path / "open_clip_config.json").is_file():
+        raise CheckpointError(f"{path}: is already an OpenCLIP local-dir; load it with the model name 'local-dir:{path}'")
+    found = sorted(p for pattern in ("*", "*/*") for p in path.glob(pattern)
+                   if (p.name in WEIGHT_MEMBER_NAMES or p.suffix == ".zip") and p.is_file())
+    if len(found) == 1:
+        return found[0]
+    expected = ", ".join(WEIGHT_MEMBER_NAMES) + " or the released .zip"
+    if not found:
+        raise CheckpointError(f"{path}: folder holds no checkpoint (expected {expected}); pass the checkpoint file")
+    names = ", ".join(str(p.relative_to(path)) for p in found[:5]) + (", ..." if len(found) > 5 else "")
+    raise CheckpointError(f"{path}: folder holds several checkpoints ({names}); pass the one you mean")
+
+
 def describe_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """What a checkpoint file or folder is, for `medclip info`."""
     path = Path(path)
     if path.is_dir():
         config = path / "open_clip_config.json"
         if not config.is_file():
-            raise CheckpointError(f"{path}: folder has no open_clip_config.json, so it is not an OpenCLIP local-dir")
+            inner = resolve_source(path)
+            info = describe_checkpoint(inner)
+            info.notes.insert(0, f"found in folder {path}")
+            return info
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
         weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
@@ -212,6 +241,8 @@ def describe_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     )
     if "logit_scale" in state_dict:
         info.logit_scale = float(state_dict["logit_scale"].float().reshape(-1)[0])
+    if kind == "unknown":
+        info.notes.append("not a MedCLIP or OpenCLIP checkpoint (no vision_model./text_model. or visual./text. keys)")
     if kind in (OFFICIAL_SWIN, OFFICIAL_RESNET):
         if "text_model.projection_head.bias" in state_dict:
             info.notes.append("text projection has a bias: pre-2022-10-23 MedCLIP code (pooler_output), not supported")
@@ -365,24 +396,35 @@ def load_into_model(model: torch.nn.Module, checkpoint_path: str | os.PathLike, 
 
 
 def export_local_dir(model_name: str, source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert `source` for `model_name` and write an OpenCLIP local-dir / hf-hub repo layout into `out_dir`."""
+    """Convert `source` for `model_name` and write an OpenCLIP local-dir / hf-hub repo layout into `out_dir`.
+
+    The folder is written under a hidden temporary name beside `out_dir` and renamed when complete; a failed run
+    leaves nothing behind, and temporaries of killed runs are removed on the next run."""
+    import shutil
+
     import open_clip
     from open_clip.push_to_hf_hub import save_for_hf
 
+    from open_clip_medclip.atomic import temp_path
+    from open_clip_medclip.model_names import check_model_name
     from open_clip_medclip.models import portable_model_config
 
+    check_model_name(model_name)
+    source = resolve_source(source)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir}: already exists and is not an empty folder; choose a new --out folder")
-    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(source))
-    tokenizer = open_clip.get_tokenizer(model_name)
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp-export")
-    if tmp_dir.exists():
-        import shutil
-
-        shutil.rmtree(tmp_dir)
-    save_for_hf(model, tokenizer, portable_model_config(model_name), str(tmp_dir), safe_serialization=True)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp_dir, out_dir)
+    if not out_dir.parent.is_dir():
+        raise CheckpointError(f"{out_dir}: its parent folder {out_dir.parent} does not exist")
+    tmp_dir = temp_path(out_dir)  # also removes `.{name}.tmp-<pid>` folders of killed runs
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(source))
+        tokenizer = open_clip.get_tokenizer(model_name)
+        save_for_hf(model, tokenizer, portable_model_config(model_name), str(tmp_dir), safe_serialization=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp_dir, out_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir

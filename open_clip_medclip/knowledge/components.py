@@ -1,6 +1,7 @@
 """The labeler as named, registered, config-driven spaCy components.
 
-Pipeline (each a `@Language.factory`, each reading its own rule files from `rules_dir`):
+Pipeline (each a `@Language.factory` in `knowledge/factories.py`, each reading its own rule files from
+`rules_dir`):
 
     medclip_sections     sections.json            -> Doc._.medclip_sections, Doc._.medclip_labelled_sections
     medclip_sentences    abbreviations.txt        -> Doc._.medclip_sentences (char spans), token.is_sent_start
@@ -14,15 +15,15 @@ Each phrase component compiles its files into one trie regex (`matching.TermMatc
 so the components run on a blank tokenizer-only `Language`; `Labeler` calls the same compiled matchers and the
 same scope functions directly (its fast path) without building Docs. With `scispacy_model` / `umls_linker`
 the pipeline starts from a scispaCy model and `medclip_mentions` also reads linked UMLS entities.
+
+This module does not import spaCy: the component classes work on plain strings (the fast path) and on Docs
+(their `__call__`); spaCy is imported by `build_pipeline` and by `knowledge/factories.py`.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-import spacy
-from spacy.language import Language
-from spacy.tokens import Doc, Span
+from typing import TYPE_CHECKING
 
 from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.knowledge.matching import (
@@ -59,26 +60,27 @@ from open_clip_medclip.knowledge.rules import (
 )
 from open_clip_medclip.knowledge.text import Section, SectionSplitter, SentenceSplitter
 
+if TYPE_CHECKING:  # spaCy is imported only when a pipeline is built (`build_pipeline`), never by the fast path
+    from spacy.language import Language
+    from spacy.tokens import Doc, Span
+
 PIPELINE = ("medclip_sections", "medclip_sentences", "medclip_mentions", "medclip_negation", "medclip_uncertainty",
             "medclip_scope", "medclip_labels")
-TERM_COMPONENTS = ("medclip_mentions", "medclip_negation", "medclip_uncertainty", "medclip_scope")
 DEFAULT_LABEL_SECTIONS = ("findings", "impression")
 OTHER_ABNORMALITY_LABEL = "Other Abnormality"
 
-_DOC_EXTENSIONS = ("medclip_match_text", "medclip_sections", "medclip_labelled_sections", "medclip_sentences",
-                   "medclip_terms", "medclip_assertions", "medclip_sentence_labels", "medclip_labels")
+_FACTORY_NAMES = ("make_sections", "make_sentences", "make_mentions", "make_negation", "make_uncertainty",
+                  "make_scope", "make_labels")
 
 
-def register_extensions() -> None:
-    """Doc/Span attributes the components fill (idempotent)."""
-    for name in _DOC_EXTENSIONS:
-        if not Doc.has_extension(name):
-            Doc.set_extension(name, default=None)
-    if not Span.has_extension("medclip_value"):
-        Span.set_extension("medclip_value", default=None)
+def __getattr__(name: str):
+    """`make_*` (the `spacy_factories` entry points) live in `knowledge.factories`, which imports spaCy and
+    registers them; loading an entry point through this module registers them too."""
+    if name in _FACTORY_NAMES or name == "register_extensions":
+        from open_clip_medclip.knowledge import factories
 
-
-register_extensions()
+        return getattr(factories, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def finding_label(index: int) -> str:
@@ -202,6 +204,8 @@ class MentionsComponent(_PhraseComponent):
 
     def entity_terms(self, doc: Doc) -> list[Term]:
         """Mentions from scispaCy entities whose best UMLS concept maps to a finding (umls_cuis.json)."""
+        from spacy.tokens import Span
+
         terms = []
         for ent in doc.ents:
             if not Span.has_extension("kb_ents"):
@@ -301,43 +305,6 @@ class LabelsComponent:
         return doc
 
 
-@Language.factory("medclip_sections", default_config={"rules_dir": None, "label_sections": list(DEFAULT_LABEL_SECTIONS)})
-def make_sections(nlp: Language, name: str, rules_dir: str | None, label_sections: list[str]) -> SectionsComponent:
-    return SectionsComponent(rules_dir, label_sections)
-
-
-@Language.factory("medclip_sentences", default_config={"rules_dir": None})
-def make_sentences(nlp: Language, name: str, rules_dir: str | None) -> SentencesComponent:
-    return SentencesComponent(rules_dir)
-
-
-@Language.factory("medclip_mentions",
-                  default_config={"rules_dir": None, "use_umls_entities": False, "umls_min_score": 0.85})
-def make_mentions(nlp: Language, name: str, rules_dir: str | None, use_umls_entities: bool,
-                  umls_min_score: float) -> MentionsComponent:
-    return MentionsComponent(rules_dir, use_umls_entities, umls_min_score)
-
-
-@Language.factory("medclip_negation", default_config={"rules_dir": None})
-def make_negation(nlp: Language, name: str, rules_dir: str | None) -> NegationComponent:
-    return NegationComponent(rules_dir)
-
-
-@Language.factory("medclip_uncertainty", default_config={"rules_dir": None})
-def make_uncertainty(nlp: Language, name: str, rules_dir: str | None) -> UncertaintyComponent:
-    return UncertaintyComponent(rules_dir)
-
-
-@Language.factory("medclip_scope", default_config={"rules_dir": None})
-def make_scope(nlp: Language, name: str, rules_dir: str | None) -> ScopeComponent:
-    return ScopeComponent(rules_dir)
-
-
-@Language.factory("medclip_labels", default_config={})
-def make_labels(nlp: Language, name: str) -> LabelsComponent:
-    return LabelsComponent()
-
-
 def pipeline_config(rules_dir: str | Path | None = None,
                     label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS) -> str:
     """The default pipeline as a spaCy config string (blank English tokenizer + the 7 components)."""
@@ -363,6 +330,10 @@ def build_pipeline(rules_dir: str | Path | None = None, label_sections: Sequence
     `scispacy_model` (e.g. "en_core_sci_sm") and `umls_linker` need those packages/models installed; they are
     never downloaded here. Raises a clear error when they are missing.
     """
+    import spacy
+
+    from open_clip_medclip.knowledge import factories  # noqa: F401  (registers the medclip_* factories)
+
     if scispacy_model is None and not umls_linker:
         config = spacy.util.load_config_from_str(pipeline_config(rules_dir, label_sections))
         return spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
@@ -370,13 +341,15 @@ def build_pipeline(rules_dir: str | Path | None = None, label_sections: Sequence
     try:
         nlp = spacy.load(model)
     except OSError as exc:
-        raise RuntimeError(f"scispaCy model {model!r} is not installed (pip install it from the scispaCy releases "
-                           f"page); the default labeler does not need it") from exc
+        raise RuntimeError(f"scispaCy model {model!r} is not installed (pip install 'open_clip_medclip[scispacy]', "
+                           f"then the model from the scispaCy releases page); the default labeler does not need "
+                           f"it") from exc
     if umls_linker:
         try:
             import scispacy.linking  # noqa: F401  (registers the 'scispacy_linker' factory)
         except ImportError as exc:
-            raise RuntimeError("scispacy's UMLS linker is not available (pip install scispacy)") from exc
+            raise RuntimeError("scispaCy's UMLS linker needs scispaCy, an optional extra: pip install "
+                               "'open_clip_medclip[scispacy]'") from exc
         try:
             nlp.add_pipe("scispacy_linker", config={"resolve_abbreviations": False, "linker_name": "umls"})
         except Exception as exc:  # the linker downloads its index on first use; offline this fails

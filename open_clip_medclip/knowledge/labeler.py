@@ -9,15 +9,24 @@ compare against). With the scispaCy switches on, only the pipeline path can use 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from open_clip_medclip.knowledge.components import (
     DEFAULT_LABEL_SECTIONS,
+    MentionsComponent,
+    NegationComponent,
+    ScopeComponent,
+    SectionsComponent,
+    SentencesComponent,
+    UncertaintyComponent,
     build_pipeline,
 )
 from open_clip_medclip.knowledge.matching import aggregate_report, matching_text, sentence_vector
@@ -26,6 +35,7 @@ from open_clip_medclip.knowledge.text import normalize_report
 
 LABELER_NAME = "medclip-rules"
 LABELER_VERSION = "1.0.0"
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,15 +71,27 @@ class Labeler:
         self.rules_dir = resolve_rules_dir(rules_dir)
         self.options = {"rules_dir": None if rules_dir is None else str(rules_dir), "sections": list(sections),
                         "scispacy_model": scispacy_model, "umls_linker": umls_linker}
-        self.nlp = build_pipeline(rules_dir, sections, scispacy_model, umls_linker)
+        self._rules_dir_arg = rules_dir
+        self._nlp = None
         self.version = LABELER_VERSION
         self.rules_hash = rules_hash(self.rules_dir)
         self._uses_extra_models = bool(scispacy_model or umls_linker)
-        self._sections = self.nlp.get_pipe("medclip_sections").splitter
-        self._sentences = self.nlp.get_pipe("medclip_sentences")
-        self._phrase_components = [self.nlp.get_pipe(name) for name in
-                                   ("medclip_mentions", "medclip_negation", "medclip_uncertainty", "medclip_scope")]
-        self._scope = self.nlp.get_pipe("medclip_scope")
+        if self._uses_extra_models:  # only the spaCy pipeline uses the extra entities: build it now (fail early)
+            _ = self.nlp
+        # The fast path: the same component classes the pipeline registers, built without spaCy.
+        self._sections = SectionsComponent(rules_dir, sections).splitter
+        self._sentences = SentencesComponent(rules_dir)
+        self._scope = ScopeComponent(rules_dir)
+        self._phrase_components = [MentionsComponent(rules_dir), NegationComponent(rules_dir),
+                                   UncertaintyComponent(rules_dir), self._scope]
+
+    @property
+    def nlp(self):
+        """The spaCy pipeline (built on first use: importing spaCy also imports torch through thinc)."""
+        if self._nlp is None:
+            self._nlp = build_pipeline(self._rules_dir_arg, self.options["sections"], self.options["scispacy_model"],
+                                       self.options["umls_linker"])
+        return self._nlp
 
     @property
     def name(self) -> str:
@@ -117,25 +139,48 @@ class Labeler:
         return list(self.imap(texts, workers=workers))
 
     def imap(self, texts: Iterable[str | None], workers: int = 1, chunk_size: int = 256) -> Iterator[ReportLabels]:
-        """Lazily label reports in input order (streams; used by the CLI for progress on large inputs)."""
+        """Lazily label reports in input order (streams; bounded memory with workers)."""
+        for labelled in self.map_chunks(_label_texts, _chunks(texts, chunk_size), workers=workers):
+            yield from labelled
+
+    def map_chunks(self, function: Callable[[Labeler, list], T], chunks: Iterable[list], workers: int = 1,
+                   in_flight_per_worker: int = 4) -> Iterator[T]:
+        """`function(labeler, chunk)` for every chunk, results in input order.
+
+        `workers > 1` runs chunks in that many processes (`function` must be a module-level function); at most
+        `in_flight_per_worker` chunks per worker are queued, so memory stays bounded on any input. Workers die
+        with this process (Linux: the kernel kills them when it dies, even by SIGKILL) and are terminated when
+        the iteration stops early (an error, Ctrl-C, SIGTERM turned into an exception, the generator closed).
+        Returning compact results (e.g. CSV text) rather than objects keeps the parent from being the
+        bottleneck.
+        """
         if workers <= 1:
-            for text in texts:
-                yield self.label_report(text)
+            for chunk in chunks:
+                yield function(self, chunk)
             return
+        global _WORKER_LABELER
         context = _pool_context()
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(self.options,)) as pool:
+        _WORKER_LABELER = self  # a forked worker inherits it instead of compiling the rules again
+        try:
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(self.options, os.getpid()))
+        finally:
+            _WORKER_LABELER = None
+        try:
             pending: deque = deque()
-            for chunk in _chunks(texts, chunk_size):  # at most 4 chunks per worker in flight: bounded memory
-                pending.append(pool.submit(_label_chunk, chunk))
-                if len(pending) >= 4 * workers:
-                    yield from pending.popleft().result()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_run_chunk, (function, chunk)))
+                if len(pending) >= in_flight_per_worker * workers:
+                    yield pending.popleft().get()
             while pending:
-                yield from pending.popleft().result()
+                yield pending.popleft().get()
+            pool.close()
+            pool.join()
+        finally:
+            pool.terminate()  # no-op after a clean join; kills the workers on any early exit
 
 
 def _pool_context():
-    """'fork' when this process runs a single thread (fast: no re-import of spaCy), else 'spawn' (safe)."""
+    """'fork' when this process runs a single thread (fast: nothing re-imported), else 'spawn' (safe)."""
     if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
@@ -153,14 +198,38 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 _WORKER_LABELER: Labeler | None = None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(options: dict) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker process: be killed when the parent dies (Linux prctl PR_SET_PDEATHSIG), and exit now if
+    the parent is already gone. Elsewhere the parent's own cleanup (terminate on exit or SIGTERM) applies."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _init_worker(options: dict, parent_pid: int) -> None:
     global _WORKER_LABELER
-    _WORKER_LABELER = Labeler(rules_dir=options["rules_dir"], sections=options["sections"],
-                              scispacy_model=options["scispacy_model"], umls_linker=options["umls_linker"])
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool, no traceback per worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited through fork)
+    if _WORKER_LABELER is None or _WORKER_LABELER.options != options:
+        _WORKER_LABELER = Labeler(rules_dir=options["rules_dir"], sections=options["sections"],
+                                  scispacy_model=options["scispacy_model"], umls_linker=options["umls_linker"])
 
 
-def _label_chunk(texts: list[str | None]) -> list[ReportLabels]:
+def _run_chunk(function: Callable[[Labeler, list], T], chunk: list) -> T:
     assert _WORKER_LABELER is not None, "worker not initialized"
-    return [_WORKER_LABELER.label_report(text) for text in texts]
+    return function(_WORKER_LABELER, chunk)
+
+
+def _label_texts(labeler: Labeler, texts: list[str | None]) -> list[ReportLabels]:
+    return [labeler.label_report(text) for text in texts]

@@ -5,7 +5,13 @@ so a shard's content depends only on its own inputs; tar headers carry fixed mti
 in key then extension order. Crash safety: a shard is written to a temp name and renamed only when complete,
 after its reject list (`.medclip-build/<shard>.json`); a rerun skips shards that exist and redoes the rest, so a
 killed and resumed run ends with the same bytes as an uninterrupted one. `sizes.json`, `rejects.jsonl` and
-`provenance.json` are written last (provenance last: it marks the build complete).
+`provenance.json` are written last (provenance last: it marks the build complete), after the shard index
+(`index.json` and its companions, see `shards/index.py`), whose per-shard facts (keys, checksums, bank sentences)
+are collected while each shard is written and kept in the shard's work file, so a resumed build has them too.
+
+Labels: shards store raw codes by default (`uncertainty="raw"`, recorded in provenance and index); coding,
+validation and policies come from `open_clip_medclip.labels`. `part=(I, N)` builds only the inputs of part I of N
+(`open_clip_medclip.parts`), with part-suffixed shard names, for `medclip shards merge`.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from open_clip_medclip.findings import CHEXPERT_FINDINGS, UNCERTAINTY_POLICIES, apply_uncertainty_policy
-from open_clip_medclip.findings import validate_labels as _validate_labels
+from open_clip_medclip.errors import UserError
+from open_clip_medclip.findings import CHEXPERT_FINDINGS
+from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES, policy_values
+from open_clip_medclip.parts import in_part, part_suffix
 from open_clip_medclip.shards.format import (
     DEFAULT_IMAGE_SIZE,
     IMAGE_FORMATS,
@@ -46,34 +54,43 @@ from open_clip_medclip.shards.format import (
     dump_json,
     sample_key,
     shard_name,
+    tar_member_info,
+    write_atomic,
 )
 from open_clip_medclip.shards.images import ImageRejected, prepare_image
+from open_clip_medclip.shards.index import INDEX_FILES, ShardFacts, index_files, write_index_files
 from open_clip_medclip.sources.records import Record, Reject
 
 ABORT_ENV = "MEDCLIP_SHARDS_ABORT_AFTER"  # test hook: SIGKILL this process after N samples went into tars
-RAW_POLICY = "raw"  # keep coded labels (1 / 0 / -1 / null) as they are
-LABEL_POLICIES = (*UNCERTAINTY_POLICIES, RAW_POLICY)
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """The build cannot start or continue (bad options, an output folder that holds another build)."""
 
 
 @dataclass
 class BuildOptions:
-    """How to write shards. `uncertainty` is a `findings` policy, or "raw" to keep -1 and null."""
+    """How to write shards. `uncertainty` is a `labels` policy; "raw" (default) keeps -1 and null.
+
+    `part=(I, N)`: only the inputs of part I of N, shard names `<prefix>-partIIIofNNN-<n>.tar`.
+    """
 
     kinds: tuple[str, ...] = ("image",)
     image_size: int = DEFAULT_IMAGE_SIZE
     image_format: str = "jpg"
     samples_per_shard: int = 1000
     workers: int = 1
-    uncertainty: str = "zeros"
+    uncertainty: str = DEFAULT_BUILD_POLICY
     prefix: str = "shard"
     text_unit: str = "report"  # text kind: one sample per "report" or per labelled "sentence"
     licence: str | None = None
     overwrite: bool = False
     progress: bool = True
+    part: tuple[int, int] | None = None
+
+    @property
+    def shard_prefix(self) -> str:
+        return f"{self.prefix}-{part_suffix(self.part)}" if self.part else self.prefix
 
     def check(self) -> None:
         problems = []
@@ -85,12 +102,14 @@ class BuildOptions:
             problems.append(f"image size {self.image_size} is below 8 px")
         if self.samples_per_shard < 1:
             problems.append("samples per shard must be at least 1")
-        if self.uncertainty not in LABEL_POLICIES:
-            problems.append(f"uncertainty policy {self.uncertainty!r}: choose from {', '.join(LABEL_POLICIES)}")
+        if self.uncertainty not in POLICIES:
+            problems.append(f"uncertainty policy {self.uncertainty!r}: choose from {', '.join(POLICIES)}")
         if self.text_unit not in ("report", "sentence"):
             problems.append(f"text unit {self.text_unit!r}: choose report or sentence")
         if not SHARD_PATTERN.match(shard_name(self.prefix, 0)):
             problems.append(f"prefix {self.prefix!r} may use only letters, digits, '_' and '-'")
+        if self.part is not None and not (len(self.part) == 2 and 1 <= self.part[0] <= self.part[1]):
+            problems.append(f"part {self.part!r}: expected (I, N) with 1 <= I <= N")
         if problems:
             raise BuildError("; ".join(problems))
 
@@ -154,8 +173,19 @@ def _label_text(label: LabelFunction, text: str) -> tuple[list, list[tuple[str, 
 
 
 def _coded(values: Iterable, policy: str, where: str) -> list:
-    values = _validate_labels(list(values), where=where)
-    return values if policy == RAW_POLICY else apply_uncertainty_policy(values, policy)
+    return policy_values(list(values), policy, where)
+
+
+def item_identity(item: Record | Reject) -> str:
+    """What `--part` hashes: source and id (a reject without id also by its input and detail)."""
+    if item.id is not None:
+        return f"{item.source}\0{item.id}"
+    return f"{item.source}\0\0{getattr(item, 'input', '')}\0{getattr(item, 'detail', '')}"
+
+
+def select_part(items: Iterable[Record | Reject], part: tuple[int, int] | None) -> Iterable[Record | Reject]:
+    """The items of part I of N (all items when `part` is None); deterministic per item."""
+    return items if part is None else (item for item in items if in_part(item_identity(item), part))
 
 
 def plan_samples(items: Iterable[Record | Reject], options: BuildOptions,
@@ -273,23 +303,6 @@ def _process(index: int) -> tuple[int, str, object]:
         return index, "reject", reject
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
 class _ShardWriter:
     """One shard being written under a temp name; `finish` records its rejects, then renames the tar."""
 
@@ -298,19 +311,22 @@ class _ShardWriter:
         self.temp = out_dir / f".{name}{TEMP_SUFFIX}"
         self.tar = tarfile.open(self.temp, "w", format=tarfile.USTAR_FORMAT)
         self.written, self.rejects = 0, []
+        self.facts = ShardFacts(name)
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         for extension in sorted(members):
             data = members[extension]
-            self.tar.addfile(_tar_info(f"{key}.{extension}", len(data)), io.BytesIO(data))
+            self.tar.addfile(tar_member_info(f"{key}.{extension}", len(data)), io.BytesIO(data))
+        self.facts.add(key, json.loads(members["json"]), members)
         self.written += 1
 
     def finish(self, work_dir: Path) -> None:
         self.tar.close()
         with open(self.temp, "rb+") as handle:
             os.fsync(handle.fileno())
-        _write_atomic(work_dir / f"{self.path.name}.json",
-                      dump_json({"written": self.written, "rejects": self.rejects}).encode())
+        write_atomic(work_dir / f"{self.path.name}.json",
+                      dump_json({"written": self.written, "rejects": self.rejects,
+                                 "index": self.facts.to_json()}).encode())
         os.replace(self.temp, self.path)
 
 
@@ -318,7 +334,7 @@ def _fingerprint(planned: list[PlannedSample], source_rejects: list[dict], optio
                  labeler_info: dict | None) -> str:
     digest = hashlib.sha256()
     settings = {key: getattr(options, key) for key in ("kinds", "image_size", "image_format", "samples_per_shard",
-                                                        "uncertainty", "prefix", "text_unit", "licence")}
+                                                        "uncertainty", "prefix", "text_unit", "licence", "part")}
     digest.update(dump_json({"spec": SPEC_VERSION, "options": settings, "labeler": labeler_info}).encode())
     for sample in planned:
         record = sample.record
@@ -329,7 +345,7 @@ def _fingerprint(planned: list[PlannedSample], source_rejects: list[dict], optio
 
 
 def _our_files(out_dir: Path) -> list[Path]:
-    names = {SIZES_FILE, PROVENANCE_FILE, REJECTS_FILE}
+    names = {SIZES_FILE, PROVENANCE_FILE, REJECTS_FILE, *INDEX_FILES}
     return [path for path in out_dir.iterdir()
             if path.name in names or SHARD_PATTERN.match(path.name) or path.name.endswith(TEMP_SUFFIX)]
 
@@ -379,7 +395,7 @@ def build_shards(items: Iterable[Record | Reject], out_dir: str | Path, options:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     label = as_label_function(labeler)
-    planned, source_rejects = plan_samples(items, options, label)
+    planned, source_rejects = plan_samples(select_part(items, options.part), options, label)
     labeler_info = labeler_provenance(labeler) if any(
         s.kind in TEXT_KINDS and s.record.sentences is None for s in planned) or (
         "text" in options.kinds and options.text_unit == "sentence") else None
@@ -390,7 +406,7 @@ def build_shards(items: Iterable[Record | Reject], out_dir: str | Path, options:
     work_dir = out_dir / WORK_DIR
     per_shard = options.samples_per_shard
     shard_count = (len(planned) + per_shard - 1) // per_shard
-    names = [shard_name(options.prefix, n) for n in range(shard_count)]
+    names = [shard_name(options.shard_prefix, n) for n in range(shard_count)]
     done = [(out_dir / name).exists() and (work_dir / f"{name}.json").exists() for name in names]
     indices = [i for n in range(shard_count) if not done[n] for i in range(n * per_shard,
                                                                             min((n + 1) * per_shard, len(planned)))]
@@ -442,11 +458,12 @@ def _finish(out_dir: Path, planned: list[PlannedSample], source_rejects: list[di
             labeler_info: dict | None, fingerprint: str, names: list[str], resumed: int,
             started: float) -> BuildSummary:
     work_dir = out_dir / WORK_DIR
-    sizes, rejects = {}, list(source_rejects)
+    sizes, rejects, facts = {}, list(source_rejects), []
     for name in names:
         part = json.loads((work_dir / f"{name}.json").read_text())
         sizes[name] = part["written"]
         rejects.extend(part["rejects"])
+        facts.append(ShardFacts.from_json(part["index"]))
     rejected_keys = {reject.get("key") for reject in rejects if reject.get("key")}
     written = [sample for sample in planned if sample.key not in rejected_keys]
     reasons = dict(sorted(Counter(reject["reason"] for reject in rejects).items()))
@@ -471,9 +488,12 @@ def _finish(out_dir: Path, planned: list[PlannedSample], source_rejects: list[di
         "build_fingerprint": fingerprint,
         "builder": "open_clip_medclip.shards",
     }
-    _write_atomic(out_dir / REJECTS_FILE, "".join(dump_json(reject) + "\n" for reject in rejects).encode())
-    _write_atomic(out_dir / SIZES_FILE, (dump_json(sizes, indent=2) + "\n").encode())
-    _write_atomic(out_dir / PROVENANCE_FILE, (dump_json(provenance, indent=2) + "\n").encode())
+    if options.part:
+        provenance["part"] = {"index": options.part[0], "count": options.part[1]}
+    write_atomic(out_dir / REJECTS_FILE, "".join(dump_json(reject) + "\n" for reject in rejects).encode())
+    write_atomic(out_dir / SIZES_FILE, (dump_json(sizes, indent=2) + "\n").encode())
+    write_index_files(out_dir, index_files(facts, options.uncertainty), write_atomic)
+    write_atomic(out_dir / PROVENANCE_FILE, (dump_json(provenance, indent=2) + "\n").encode())
     shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
     return BuildSummary(str(out_dir), provenance["counts"]["inputs"], len(written), len(rejects), len(names),

@@ -1,4 +1,5 @@
-"""`medclip shards build|validate`: labelled WebDataset shards from dataset files, and their spec check.
+"""`medclip shards build|validate|index|merge`: labelled WebDataset shards from dataset files, their spec check,
+their index, and the merge of part builds.
 
 Examples:
   medclip shards build --source nih --csv sample_data/nih_cxr14/labels.csv --out shards/nih
@@ -7,6 +8,9 @@ Examples:
   medclip shards build --source generic-csv --csv pairs.csv --image-column path --report-column report \
       --kind paired --out shards/pairs
   medclip shards validate shards/nih
+  medclip shards index shards/old-build            # index a build made before the index existed
+  medclip shards build --source nih --csv labels.csv --out shards/nih-p1 --part 1/4   # ... 4/4 on other machines
+  medclip shards merge shards/nih-p1 shards/nih-p2 shards/nih-p3 shards/nih-p4 --out shards/nih
 Prints a JSON summary on stdout and a one-paragraph account on stderr; exit 0 ok, 1 validation failed,
 2 bad input or options.
 """
@@ -18,7 +22,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from open_clip_medclip.shards.builder import LABEL_POLICIES, BuildError, BuildOptions, build_shards
+from open_clip_medclip.errors import UserError
+from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES
+from open_clip_medclip.parts import parse_part
+from open_clip_medclip.shards.builder import BuildError, BuildOptions, build_shards
 from open_clip_medclip.shards.format import DEFAULT_IMAGE_SIZE, IMAGE_FORMATS, KINDS
 from open_clip_medclip.shards.validate import validate_shards
 from open_clip_medclip.sources import (
@@ -82,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
-    build.add_argument("--uncertainty", choices=LABEL_POLICIES, default="zeros",
-                       help="zeros (MedCLIP: -1 and blank -> 0), ones (-1 -> 1), keep (-1 kept), raw (blank kept)")
+    build.add_argument("--uncertainty", choices=POLICIES, default=DEFAULT_BUILD_POLICY,
+                       help="label policy applied when writing: raw (default: 1/0/-1/blank kept; training applies "
+                            "--medclip-uncertain), zeros (-1 and blank -> 0), ones (-1 -> 1), keep (-1 kept)")
     build.add_argument("--text-unit", choices=("report", "sentence"), default="report",
                        help="text kind: one sample per report or per labelled sentence")
     build.add_argument("--split", help="only rows whose split column/folder equals this (e.g. train)")
@@ -92,9 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--licence", help="licence text for provenance.json (default: known per source)")
     build.add_argument("--overwrite", action="store_true", help="replace a different build in --out")
     build.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    build.add_argument("--part", help="I/N: build only part I of N (1-based) of the inputs, split by source and "
+                                      "id; merge the N folders with 'medclip shards merge'")
     validate = commands.add_parser("validate", help="check a shard folder against the spec")
     validate.add_argument("folder", type=Path)
     validate.add_argument("--no-decode", action="store_true", help="check image magic bytes only (faster)")
+    index = commands.add_parser("index", help="write the index of a finished build (builds made before the index)")
+    index.add_argument("folder", type=Path)
+    merge = commands.add_parser("merge", help="combine the part folders of one build into one folder and index")
+    merge.add_argument("parts", nargs="+", type=Path, help="the part folders (all N parts of --part I/N builds)")
+    merge.add_argument("--out", required=True, type=Path, help="new or empty output folder")
     return parser
 
 
@@ -159,13 +174,13 @@ def run_build(args: argparse.Namespace) -> int:
                            samples_per_shard=args.samples_per_shard, workers=args.workers,
                            uncertainty=args.uncertainty, prefix=args.prefix or args.source.replace("-", "_"),
                            text_unit=args.text_unit, licence=args.licence, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, part=parse_part(args.part))
     labeler = None
     if _needs_labeler(kinds, args.source):
         from open_clip_medclip.knowledge import Labeler
 
         labeler = Labeler()
-    items = _select(source_items(args), args.split, args.limit)
+    items = _select(source_items(args), args.split, args.limit)  # the part split is applied by build_shards
     summary = build_shards(items, args.out, options, labeler=labeler)
     print(json.dumps(summary.to_json(), sort_keys=True))
     reasons = ", ".join(f"{count} {reason}" for reason, count in summary.reject_reasons.items()) or "none"
@@ -182,7 +197,7 @@ def run_validate(args: argparse.Namespace) -> int:
     report = validate_shards(args.folder, decode_images=not args.no_decode)
     print(json.dumps(report.to_json(), sort_keys=True))
     verdict = "conforms to shard spec v1" if report.ok else f"has {len(report.problems)} problem(s)"
-    print(f"validate: {args.folder} {verdict}: {report.shards} shard(s), {report.samples} sample(s), kinds "
+    print(f"validate: {args.folder} {verdict} (index included): {report.shards} shard(s), {report.samples} sample(s), kinds "
           f"{report.kinds or 'none'}.", file=sys.stderr)
     for problem in report.problems[:50]:
         print(f"  {problem}", file=sys.stderr)
@@ -191,11 +206,36 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def run_index(args: argparse.Namespace) -> int:
+    from open_clip_medclip.shards.merge import write_index
+
+    index = write_index(args.folder)
+    print(json.dumps({"index": index.location, "shards": len(index.shards), "samples": index.samples,
+                      "kinds": index.kinds, "bank_entries": index.bank["entries"],
+                      "label_policy": index.label_policy}, sort_keys=True))
+    print(f"index: wrote {index.location} ({len(index.shards)} shard(s), {index.samples} sample(s), "
+          f"{index.bank['entries']} bank entries, label policy {index.label_policy}).", file=sys.stderr)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from open_clip_medclip.shards.merge import merge_builds
+
+    summary = merge_builds(args.parts, args.out)
+    print(json.dumps(summary.to_json(), sort_keys=True))
+    print(f"merge: {summary.line()} ({summary.linked} hard-linked, {summary.copied} copied); check it with "
+          f"'medclip shards validate {args.out}'.", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"build": run_build, "validate": run_validate, "index": run_index, "merge": run_merge}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return run_build(args) if args.command == "build" else run_validate(args)
-    except (SourceError, BuildError) as exc:
+        return COMMANDS[args.command](args)
+    except (SourceError, BuildError, UserError) as exc:
         print(f"medclip shards: error: {exc}", file=sys.stderr)
         return 2
 

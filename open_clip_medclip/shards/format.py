@@ -5,8 +5,13 @@ Writer and validator both take these constants from here, so the two cannot drif
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
 
 SPEC_VERSION = 1
 KINDS = ("paired", "image", "text")
@@ -63,3 +68,35 @@ def dump_json(value: object, indent: int | None = None) -> str:
     separators = (",", ": ") if indent else (",", ":")
     return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False, indent=indent,
                       separators=separators)
+
+
+def tar_member_info(name: str, size: int) -> tarfile.TarInfo:
+    """The one deterministic tar header (ustar, mtime 0, uid/gid 0, no user/group names, mode 0644)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `.<name>.tmp`, fsync, rename: the file is either absent, the old one or complete."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> None:
+    """A reproducible tar of (member name, bytes) in the given order, written to a temp name, fsynced, renamed."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(tar_member_info(name, len(data)), io.BytesIO(data))
+    with open(temp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, path)

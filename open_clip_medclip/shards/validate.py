@@ -3,6 +3,11 @@
 Every problem names the file, the tar member when there is one, and the rule broken. The per-sample JSON and
 provenance checks are hand-written to agree with `tarballs_spec/schema.json` (a test runs both on the same
 documents when `jsonschema` is installed), so validation needs no extra dependency.
+
+`check_sample` is the one per-sample check: `validate_shards` runs it on every sample and the training streams
+call the same function on every sample they read; `decoded_image_problems` is the one check of a decoded image
+(mode, size), run by both after their single decode. So a stream rejects exactly what `validate` rejects. Label
+values are checked by `open_clip_medclip.labels` (NaN, a string "1", 2.0 are errors, never coerced).
 """
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import json
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS, UNCERTAINTY_POLICIES
+from open_clip_medclip.findings import CHEXPERT_FINDINGS
+from open_clip_medclip.labels import POLICIES, STORED_VALUES, stored_value_problems, vector_problems
 from open_clip_medclip.shards.format import (
     IMAGE_FORMATS,
     IMAGE_KINDS,
@@ -31,11 +38,18 @@ from open_clip_medclip.shards.format import (
     WORK_DIR,
     sample_key,
 )
+from open_clip_medclip.shards.index import (
+    INDEX_FILE,
+    BankArrays,
+    ShardFacts,
+    ShardIndexError,
+    merge_bank_entries,
+    parse_index,
+    sample_checksum,
+)
 from open_clip_medclip.sources.records import REJECT_REASONS
 
 MEMBER_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_-]+)\.(?P<ext>jpg|png|txt|json)$")
-LABEL_POLICIES = (*UNCERTAINTY_POLICIES, "raw")
-ALLOWED_VALUES = {"zeros": {0.0, 1.0}, "ones": {0.0, 1.0}, "keep": {0.0, 1.0, -1.0}, "raw": {0.0, 1.0, -1.0, None}}
 SAMPLE_KEYS = {"kind", "id", "source", "labels", "sentences", "meta"}
 PROVENANCE_KEYS = {"spec_version", "label_order", "uncertainty_policy", "sources", "labeler", "kinds", "image",
                    "text_unit", "samples_per_shard", "shards", "counts", "reject_reasons", "build_fingerprint",
@@ -60,6 +74,7 @@ class ValidationReport:
     shards: int = 0
     samples: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
+    facts: list = field(default_factory=list, repr=False)  # index.ShardFacts per shard (not in to_json)
 
     @property
     def ok(self) -> bool:
@@ -70,16 +85,10 @@ class ValidationReport:
                 "kinds": self.kinds, "problems": [p.__dict__ for p in self.problems]}
 
 
-def _is_label(value: object) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                             and float(value) in (1.0, 0.0, -1.0))
-
-
 def check_label_vector(values: object, where: str) -> list[str]:
-    if not isinstance(values, list) or len(values) != NUM_FINDINGS:
-        return [f"{where} must be a list of {NUM_FINDINGS} values"]
-    return [f"{where}[{i}] ({CHEXPERT_FINDINGS[i]}) is {value!r}; allowed are 1, 0, -1, null"
-            for i, value in enumerate(values) if not _is_label(value)]
+    if not isinstance(values, list):
+        return [f"{where}: expected a list of label values, got {type(values).__name__}"]
+    return vector_problems(values, where)
 
 
 def check_sample_json(document: object) -> list[str]:
@@ -123,8 +132,12 @@ def check_provenance(document: object) -> list[str]:
         problems.append(f"spec_version is {document['spec_version']!r}; this validator reads {SPEC_VERSION}")
     if "label_order" in document and document["label_order"] != list(CHEXPERT_FINDINGS):
         problems.append("label_order differs from findings.CHEXPERT_FINDINGS")
-    if "uncertainty_policy" in document and document["uncertainty_policy"] not in LABEL_POLICIES:
-        problems.append(f"uncertainty_policy {document['uncertainty_policy']!r} is not one of {LABEL_POLICIES}")
+    if "uncertainty_policy" in document and document["uncertainty_policy"] not in POLICIES:
+        problems.append(f"uncertainty_policy {document['uncertainty_policy']!r} is not one of {POLICIES}")
+    part = document.get("part")
+    if part is not None and not (isinstance(part, dict) and set(part) == {"index", "count"} and all(
+            isinstance(part[k], int) for k in part) and 1 <= part["index"] <= part["count"]):
+        problems.append("part must be {index, count} integers with 1 <= index <= count")
     sources = document.get("sources", [])
     if not isinstance(sources, list) or not all(
             isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("licence"), str)
@@ -163,8 +176,75 @@ def _read_json(path: Path, report: ValidationReport) -> object | None:
     return None
 
 
-def validate_shards(folder: str | Path, decode_images: bool = True) -> ValidationReport:
-    """Validate every shard, `sizes.json`, `provenance.json` and `rejects.jsonl` in `folder`."""
+def check_sample(key: str, members: Mapping[str, bytes], *, shard: str = "", policy: str = "raw",
+                 checksum: str | None = None, decode_images: bool = False,
+                 longer_side: int | None = None) -> tuple[dict | None, list[Problem]]:
+    """Check one sample; return (its parsed JSON or None when unusable, problems). Cheap by default.
+
+    `members` maps extension -> bytes (a webdataset sample dict works: keys starting with `__` are ignored).
+    `shard` names the file in each Problem; `policy` is the build's recorded label policy (values a build with
+    that policy cannot have written are problems); `checksum`, when given, is compared with the sample's content
+    checksum (`index.sample_checksum`); `decode_images` fully decodes images (else magic bytes only).
+    Checks: UTF-8 JSON, the sample schema, label coding (labels.py), stored values under `policy`, the key is the
+    one recomputed from source/id/kind, the members the kind needs (and no others), non-empty UTF-8 text, images.
+    The document is returned whenever the JSON parsed, even with problems, so callers can name the kind.
+    """
+    found: list[Problem] = []
+
+    def problem(member: str | None, message: str) -> None:
+        found.append(Problem(shard, member, message))
+
+    members = {ext: data for ext, data in members.items() if not ext.startswith("__")}
+    if checksum is not None and sample_checksum(members) != checksum:
+        problem(f"{key}.*", "content differs from the checksum in the shard index (edited after the build?)")
+    if "json" not in members:
+        problem(f"{key}.*", "sample has no .json member")
+        return None, found
+    member = f"{key}.json"
+    try:
+        raw = members["json"]
+        document = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem(member, f"not valid UTF-8 JSON: {exc}")
+        return None, found
+    messages = check_sample_json(document)
+    for message in messages:
+        problem(member, message)
+    if messages:
+        return (document if isinstance(document, dict) else None), found
+    kind = document["kind"]
+    vectors = [("labels", document["labels"])] + [(f"sentences[{i}].labels", s["labels"])
+                                                   for i, s in enumerate(document["sentences"])]
+    for where, vector in vectors:
+        for message in stored_value_problems(vector, policy, where):
+            problem(member, message)
+    expected = sample_key(document["source"], document["id"], kind)
+    if key != expected:
+        problem(member, f"key {key} is not the key of source {document['source']!r}, id {document['id']!r}, "
+                        f"kind {kind!r}: expected {expected}")
+    images = [ext for ext in IMAGE_FORMATS if ext in members]
+    if kind in IMAGE_KINDS and len(images) != 1:
+        problem(member, f"kind {kind} needs exactly one image member (.jpg or .png), found {len(images)}")
+    if kind not in IMAGE_KINDS and images:
+        problem(f"{key}.{images[0]}", f"kind {kind} must not have an image member")
+    if kind in TEXT_KINDS and "txt" not in members:
+        problem(member, f"kind {kind} needs a .txt member")
+    if kind not in TEXT_KINDS and "txt" in members:
+        problem(f"{key}.txt", f"kind {kind} must not have a .txt member")
+    if "txt" in members:
+        try:
+            text = members["txt"]
+            if not (text.decode("utf-8") if isinstance(text, bytes) else text).strip():
+                problem(f"{key}.txt", "text is empty")
+        except UnicodeDecodeError as exc:
+            problem(f"{key}.txt", f"not UTF-8: {exc}")
+    for ext in images:
+        _validate_image(f"{key}.{ext}", ext, members[ext], problem, longer_side, decode_images)
+    return document, found
+
+
+def validate_shards(folder: str | Path, decode_images: bool = True, check_index: bool = True) -> ValidationReport:
+    """Validate every shard, `sizes.json`, `provenance.json`, `rejects.jsonl` and the index in `folder`."""
     folder = Path(folder)
     report = ValidationReport(str(folder))
     if not folder.is_dir():
@@ -181,9 +261,11 @@ def validate_shards(folder: str | Path, decode_images: bool = True) -> Validatio
         for message in check_provenance(provenance):
             report.problems.append(Problem(str(folder / PROVENANCE_FILE), None, message))
         if isinstance(provenance, dict):
-            policy = provenance.get("uncertainty_policy") if provenance.get("uncertainty_policy") in ALLOWED_VALUES \
-                else "raw"
+            if provenance.get("uncertainty_policy") in STORED_VALUES:
+                policy = provenance["uncertainty_policy"]
             longer_side = (provenance.get("image") or {}).get("longer_side")
+    index = _read_index(folder, report) if check_index else None
+    expected = index.sample_checksums() if index is not None else {}
     tars = sorted(p.name for p in folder.glob("*.tar"))
     for name in tars:
         if not SHARD_PATTERN.match(name):
@@ -198,14 +280,21 @@ def validate_shards(folder: str | Path, decode_images: bool = True) -> Validatio
         sizes = None
     seen_keys: dict[str, str] = {}
     kinds: Counter = Counter()
+    facts: list[ShardFacts] = []
     for name in tars:
-        count = _validate_tar(folder / name, report, seen_keys, kinds, policy, longer_side, decode_images)
+        shard = _validate_tar(folder / name, report, seen_keys, policy, longer_side, decode_images,
+                              expected.get(name) if index is not None else None)
+        facts.append(shard)
+        kinds.update(shard.kinds)
         report.shards += 1
-        report.samples += count
-        if sizes is not None and name in sizes and sizes[name] != count:
+        report.samples += len(shard.keys)
+        if sizes is not None and name in sizes and sizes[name] != len(shard.keys):
             report.problems.append(Problem(str(folder / SIZES_FILE), None,
-                                           f"{name}: says {sizes[name]} samples, the tar has {count}"))
+                                           f"{name}: says {sizes[name]} samples, the tar has {len(shard.keys)}"))
     report.kinds = dict(sorted(kinds.items()))
+    report.facts = facts
+    if index is not None:
+        _compare_index(folder, index, facts, policy if isinstance(provenance, dict) else None, report)
     rejected = _validate_rejects(folder / REJECTS_FILE, report)
     if isinstance(provenance, dict) and isinstance(provenance.get("counts"), dict):
         counts = provenance["counts"]
@@ -218,6 +307,58 @@ def validate_shards(folder: str | Path, decode_images: bool = True) -> Validatio
                                            f"counts.rejected is {counts.get('rejected')}, {REJECTS_FILE} has "
                                            f"{rejected} lines"))
     return report
+
+
+def _read_index(folder: Path, report: ValidationReport):
+    path = folder / INDEX_FILE
+    if not path.exists():
+        report.problems.append(Problem(str(path), None, "missing; write it with 'medclip shards index "
+                                                        f"{folder}' (builds made before the index existed)"))
+        return None
+    try:
+        index = parse_index(path.read_bytes(), str(path))
+        index.sample_checksums()
+        index.bank_arrays()
+    except ShardIndexError as exc:
+        report.problems.append(Problem(str(path), None, str(exc).removeprefix(f"{path}: ")))
+        return None
+    return index
+
+
+def _compare_index(folder: Path, index, facts: list[ShardFacts], policy: str | None,
+                   report: ValidationReport) -> None:
+    """The index must describe exactly the shards: names, counts, kinds, keys (checksums: per sample) and bank."""
+    where = str(folder / INDEX_FILE)
+
+    def problem(message: str) -> None:
+        report.problems.append(Problem(where, None, message))
+
+    if policy is not None and index.label_policy != policy:
+        problem(f"label_policy is {index.label_policy!r}, provenance.json says {policy!r}")
+    names = {shard.name for shard in facts}
+    for name in sorted(set(index.shards) - names):
+        problem(f"lists {name}, which does not exist")
+    for name in sorted(names - set(index.shards)):
+        problem(f"does not list {name}")
+    checksums = index.sample_checksums()
+    for shard in facts:
+        entry = index.shards.get(shard.name)
+        if entry is not None and (entry.samples != len(shard.keys) or entry.kinds != dict(shard.kinds)):
+            problem(f"{shard.name}: says {entry.samples} samples {entry.kinds}, the tar has {len(shard.keys)} "
+                    f"{dict(sorted(shard.kinds.items()))}")
+        recorded = list(checksums.get(shard.name, {}))
+        if shard.name in checksums and recorded != shard.keys:
+            missing = [key for key in recorded if key not in set(shard.keys)]
+            extra = [key for key in shard.keys if key not in set(recorded)]
+            detail = "; ".join(([f"missing from the tar: {', '.join(missing[:3])}"] if missing else [])
+                               + ([f"not in the index: {', '.join(extra[:3])}"] if extra else []))
+            problem(f"{shard.name}: sample keys differ from {index.checksums['file']} ({detail or 'order differs'})")
+    bank = BankArrays.from_entries(merge_bank_entries({}, facts))
+    recorded_bank = index.bank_arrays()
+    if recorded_bank.entries() != bank.entries():
+        problem(f"{index.bank['file']}: the sentence bank differs from the sentences in the shards "
+                f"({len(recorded_bank)} entries recorded, {len(bank)} in the shards); rewrite it with "
+                f"'medclip shards index {folder}'")
 
 
 def _validate_rejects(path: Path, report: ValidationReport) -> int | None:
@@ -239,11 +380,12 @@ def _validate_rejects(path: Path, report: ValidationReport) -> int | None:
     return len(lines)
 
 
-def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str], kinds: Counter, policy: str,
-                  longer_side: int | None, decode_images: bool) -> int:
+def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str], policy: str,
+                  longer_side: int | None, decode_images: bool, checksums: dict[str, str] | None) -> ShardFacts:
     def problem(member: str | None, message: str) -> None:
         report.problems.append(Problem(str(path), member, message))
 
+    facts = ShardFacts(path.name)
     samples: list[tuple[str, dict[str, bytes]]] = []
     try:
         with tarfile.open(path, "r:") as tar:
@@ -268,59 +410,26 @@ def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str
                 samples[-1][1][ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         problem(None, f"unreadable tar: {exc}")
-        return len(samples)
     for key, members in samples:
-        _validate_sample(key, members, problem, kinds, policy, longer_side, decode_images)
-    return len(samples)
+        expected = None if checksums is None else checksums.get(key, "")
+        document, found = check_sample(key, members, shard=str(path), policy=policy, checksum=expected,
+                                       decode_images=decode_images, longer_side=longer_side)
+        report.problems.extend(found)
+        if document is not None and document.get("kind") in KINDS:
+            _add_facts(facts, key, document, members)
+        else:
+            facts.keys.append(key)
+            facts.checksums.append(sample_checksum(members))
+    return facts
 
 
-def _validate_sample(key: str, members: dict[str, bytes], problem, kinds: Counter, policy: str,
-                     longer_side: int | None, decode_images: bool) -> None:
-    if "json" not in members:
-        problem(f"{key}.*", "sample has no .json member")
-        return
-    member = f"{key}.json"
+def _add_facts(facts: ShardFacts, key: str, document: dict, members: dict[str, bytes]) -> None:
     try:
-        document = json.loads(members["json"].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        problem(member, f"not valid UTF-8 JSON: {exc}")
-        return
-    messages = check_sample_json(document)
-    for message in messages:
-        problem(member, message)
-    if messages:
-        return
-    kind = document["kind"]
-    kinds[kind] += 1
-    allowed = ALLOWED_VALUES[policy]
-    vectors = [("labels", document["labels"])] + [(f"sentences[{i}].labels", s["labels"])
-                                                   for i, s in enumerate(document["sentences"])]
-    for where, vector in vectors:
-        bad = [CHEXPERT_FINDINGS[i] for i, v in enumerate(vector) if (None if v is None else float(v)) not in allowed]
-        if bad:
-            problem(member, f"{where}: {', '.join(bad)} not allowed under uncertainty policy {policy!r} "
-                            f"(allowed: {sorted(allowed, key=str)})")
-    expected = sample_key(document["source"], document["id"], kind)
-    if key != expected:
-        problem(member, f"key {key} is not the key of source {document['source']!r}, id {document['id']!r}, "
-                        f"kind {kind!r}: expected {expected}")
-    images = [ext for ext in IMAGE_FORMATS if ext in members]
-    if kind in IMAGE_KINDS and len(images) != 1:
-        problem(member, f"kind {kind} needs exactly one image member (.jpg or .png), found {len(images)}")
-    if kind not in IMAGE_KINDS and images:
-        problem(f"{key}.{images[0]}", f"kind {kind} must not have an image member")
-    if kind in TEXT_KINDS and "txt" not in members:
-        problem(member, f"kind {kind} needs a .txt member")
-    if kind not in TEXT_KINDS and "txt" in members:
-        problem(f"{key}.txt", f"kind {kind} must not have a .txt member")
-    if "txt" in members:
-        try:
-            if not members["txt"].decode("utf-8").strip():
-                problem(f"{key}.txt", "text is empty")
-        except UnicodeDecodeError as exc:
-            problem(f"{key}.txt", f"not UTF-8: {exc}")
-    for ext in images:
-        _validate_image(f"{key}.{ext}", ext, members[ext], problem, longer_side, decode_images)
+        facts.add(key, document, members)
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError):  # malformed parts already reported
+        if not facts.keys or facts.keys[-1] != key:
+            facts.keys.append(key)
+            facts.checksums.append(sample_checksum(members))
 
 
 def _validate_image(member: str, ext: str, data: bytes, problem, longer_side: int | None, decode: bool) -> None:
@@ -332,12 +441,26 @@ def _validate_image(member: str, ext: str, data: bytes, problem, longer_side: in
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            mode, size = image.mode, image.size
+            found = decoded_image_problems(member, image, longer_side)
     except Exception as exc:  # any decoder failure is a broken member
         problem(member, f"does not decode: {type(exc).__name__}: {exc}")
         return
-    if mode != "L":
-        problem(member, f"image mode is {mode}; the spec stores 8-bit grayscale (L)")
-    if longer_side and max(size) > longer_side:
-        problem(member, f"image is {size[0]}x{size[1]}, longer side above provenance image.longer_side "
-                        f"{longer_side}")
+    for item in found:
+        problem(item.member, item.message)
+
+
+def decoded_image_problems(member: str, image, longer_side: int | None, *, shard: str = "") -> list[Problem]:
+    """Problems of an image already decoded (a loaded PIL image): mode must be L, the longer side at most the
+    build's `provenance.image.longer_side` (None: not checked).
+
+    The checks that need pixels. `validate_shards` runs them after its decode and the training streams after
+    theirs (one decode each), so both reject the same images with the same message.
+    """
+    found = []
+    if image.mode != "L":
+        found.append(Problem(shard, member, f"image mode is {image.mode}; the spec stores 8-bit grayscale (L)"))
+    width, height = image.size
+    if longer_side and max(width, height) > longer_side:
+        found.append(Problem(shard, member, f"image is {width}x{height}, longer side above provenance "
+                                            f"image.longer_side {longer_side}"))
+    return found

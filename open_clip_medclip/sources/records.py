@@ -6,13 +6,15 @@ required column absent) raises `SourceError` naming the file, because then there
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS, validate_labels
+from open_clip_medclip.sources.csvio import DEFAULT_ENCODING, iter_csv_rows
 
 # Reason codes written to rejects.jsonl. Adapters use the row-level ones, the shard builder the rest.
 REJECT_REASONS: dict[str, str] = {
@@ -31,7 +33,7 @@ REJECT_REASONS: dict[str, str] = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A source file cannot be used at all; the message names the file and the problem."""
 
 
@@ -71,37 +73,41 @@ class Reject:
 SourceItem = Record | Reject
 
 
-def read_csv(path: str | Path, required: Sequence[str] = ()) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+def read_csv(path: str | Path, required: Sequence[str] = (),
+             encoding: str = DEFAULT_ENCODING) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     """Open a CSV, check its header has `required` columns and return (header, iterator of (line, row)).
 
     Uses the stdlib reader so an empty cell stays '' (blank) and 'nan' stays visible as text, which the
-    label parser rejects; pandas would silently merge both into NaN.
+    label parser rejects; pandas would silently merge both into NaN. Fields may be of any length (a long
+    report, e.g. `medclip label`'s own output); bytes that are not valid `encoding` raise SourceError naming
+    the row. `line` is the row's first line in the file.
     """
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: file not found")
-    handle = open(path, newline="", encoding="utf-8-sig")
-    reader = csv.reader(handle)
+    reader = iter_csv_rows(path, encoding, error=SourceError)
     try:
-        header = [name.strip() for name in next(reader)]
+        header = [name.strip() for name in next(reader)[2]]
     except StopIteration:
-        handle.close()
         raise SourceError(f"{path}: empty file, expected a CSV header") from None
+    except BaseException:
+        reader.close()
+        raise
     missing = [name for name in required if name not in header]
     if missing:
-        handle.close()
+        reader.close()
         raise SourceError(f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
                           f"header has {', '.join(header)}")
 
     def rows() -> Iterator[tuple[int, dict]]:
-        with handle:
-            for values in reader:
+        with contextlib.closing(reader):
+            for _, line, values in reader:
                 if not values or all(not v.strip() for v in values):
                     continue
                 row = dict(zip(header, (v.strip() for v in values), strict=False))
                 if len(values) < len(header):
                     row["__short__"] = "1"
-                yield reader.line_num, row
+                yield line, row
 
     return header, rows()
 

@@ -1,17 +1,17 @@
 """Labeler benchmark: speed and quality on the bundled IU reports, side by side with a plain regex labeler.
 
-    python tests/benchmarks/bench_labeler.py [--repeats 3] [--workers 2] [--json OUT.json]
+    python tests/benchmarks/bench_labeler.py [--repeats 3] [--workers 2] [--out PATH | --no-out] [--machine TEXT]
 
 Speed: all 3955 IU reports, every sentence of findings + impression labelled, one core, best of N runs, for
 (a) `Labeler.label_report` (fast path), (b) a plain-Python keyword + negation regex labeler written here, both
 in this process; also the spaCy Doc pipeline on a subset. Quality: the dev gold (NegBio, 3080 reports): P/R/F1
 per finding and macro-F1 over the 7 shared findings for both labelers (positive = 1; variant: -1 counts too).
 Then what each CheXpert convention the IU coders do not share costs: macro-F1 of a rules copy without it.
+Writes everything, with the command and machine, to tests/benchmarks/results/bench_labeler.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchresults import add_output_arguments, write_results  # noqa: E402
 
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS  # noqa: E402
 from open_clip_medclip.knowledge import Labeler, iter_reports  # noqa: E402
@@ -89,8 +92,14 @@ def best_rate(function, texts: list[str], repeats: int) -> float:
     return len(texts) / best
 
 
-def convention_costs(texts_by_uid: dict[str, str], gold: dict, baseline: dict) -> dict[str, float]:
-    """Print and return macro-F1 on the gold with each CheXpert convention (and all of them) taken out."""
+def f1_summary(comparison: dict) -> dict:
+    """The figures of one gold comparison worth keeping: macro-F1 and per-finding P/R/F1 with counts."""
+    return {"reports": comparison["reports"], "macro_f1": comparison["macro_f1"],
+            "per_finding": comparison["per_finding"]}
+
+
+def convention_costs(texts_by_uid: dict[str, str], gold: dict, baseline: dict) -> dict[str, dict]:
+    """Print and return macro-F1 (and per-finding F1) on the gold with each CheXpert convention taken out."""
     variants = dict(CHEXPERT_CONVENTIONS)
     merged: dict[str, tuple[str, ...]] = {}
     for drop in CHEXPERT_CONVENTIONS.values():
@@ -109,7 +118,9 @@ def convention_costs(texts_by_uid: dict[str, str], gold: dict, baseline: dict) -
                                 for finding, score in result["per_finding"].items()
                                 if abs(score["f1"] - baseline["per_finding"][finding]["f1"]) >= 0.0005)
             print(f"  without {name:<84} macro-F1 {result['macro_f1']:.4f}  ({changed})")
-            scores[name] = result["macro_f1"]
+            scores[name] = {"dropped_rule_lines": {file: list(prefixes) for file, prefixes in drop.items()},
+                            "macro_f1": result["macro_f1"],
+                            "f1": {finding: score["f1"] for finding, score in result["per_finding"].items()}}
     return scores
 
 
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="also time label_reports with N processes")
     parser.add_argument("--pipeline-subset", type=int, default=500, help="reports for the spaCy Doc pipeline timing")
-    parser.add_argument("--json", default=None, help="write the numbers as JSON")
+    add_output_arguments(parser, "bench_labeler")
     args = parser.parse_args(argv)
 
     reports = list(iter_reports(IU_REPORTS_TGZ))
@@ -127,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"labeler {labeler.name} {labeler.version}, rules {labeler.rules_hash}")
     print(f"IU reports: {len(texts)} (findings + impression labelled, every sentence)")
 
-    results = {"reports": len(texts), "rules_hash": labeler.rules_hash}
+    results = {"reports": len(texts), "labeler": labeler.name, "labeler_version": labeler.version,
+               "rules_hash": labeler.rules_hash}
     labeler_rate = best_rate(labeler.label_report, texts, args.repeats)
     baseline_rate = best_rate(baseline_label_report, texts, args.repeats)
     subset = texts[:args.pipeline_subset]
     pipeline_rate = best_rate(labeler.label_report_with_pipeline, subset, 1)
     sentences = sum(len(labeler.label_report(text).sentences) for text in texts)
-    results.update(labeler_reports_per_s=labeler_rate, baseline_reports_per_s=baseline_rate,
-                   pipeline_reports_per_s=pipeline_rate, sentences=sentences)
+    results["sentences"] = sentences
+    results["speed"] = {"how": f"one process, in-process calls (no start-up), best of {args.repeats}",
+                        "labeler_reports_per_s": labeler_rate, "baseline_reports_per_s": baseline_rate,
+                        "ratio_labeler_to_baseline": labeler_rate / baseline_rate,
+                        "pipeline_reports": len(subset), "pipeline_reports_per_s": pipeline_rate}
     print(f"\nspeed (one core, best of {args.repeats}):")
     print(f"  medclip labeler (fast path)   {labeler_rate:9.0f} reports/s  ({sentences} sentences)")
     print(f"  plain regex baseline          {baseline_rate:9.0f} reports/s")
@@ -151,23 +166,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  label_reports(workers={workers}), {len(corpus)} reports {rates[workers]:9.0f} reports/s")
         print(f"  ratio workers={args.workers} / workers=1        {rates[args.workers] / rates[1]:9.2f} "
               f"(incl. process start-up and sending sentence labels back)")
-        results["label_reports_per_s_by_workers"] = rates
+        results["speed"]["label_reports_corpus"] = len(corpus)
+        results["speed"]["label_reports_per_s_by_workers"] = rates
 
     gold = read_gold()
     by_uid = {uid: text for uid, text in reports if uid in gold}
     ours = {uid: labeler.label_report(text).labels for uid, text in by_uid.items()}
     theirs = {uid: baseline_label_report(text)[0] for uid, text in by_uid.items()}
     print()
+    quality = {}
     for uncertain_positive in (False, True):
-        for name, predictions in (("medclip labeler", ours), ("regex baseline", theirs)):
+        for key, name, predictions in (("labeler", "medclip labeler", ours), ("regex_baseline", "regex baseline", theirs)):
             comparison = compare_with_gold(predictions, gold, uncertain_positive)
             print(format_table(comparison, f"{name} vs IU dev gold"))
-            results[f"{name.split()[0]}_macro_f1{'_uncertain_positive' if uncertain_positive else ''}"] = \
-                comparison["macro_f1"]
+            quality[f"{key}{'_uncertain_positive' if uncertain_positive else ''}"] = f1_summary(comparison)
         print()
-    results["without_convention_macro_f1"] = convention_costs(by_uid, gold, compare_with_gold(ours, gold))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results["quality_iu_dev_gold"] = quality
+    results["without_convention"] = convention_costs(by_uid, gold, compare_with_gold(ours, gold))
+    write_results(args, results, argv, __file__)
     return 0
 
 

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval import cli
 from open_clip_medclip.eval.linear_probe import run_linear_probe
 from open_clip_medclip.eval.retrieval import run_retrieval, text_pool
@@ -105,12 +106,24 @@ def test_cli_zeroshot_writes_table_json_and_pngs(tiny_suite, tiny_checkpoint, tm
         assert (folder / name).stat().st_size > 1000
 
 
-def test_cli_reports_a_missing_suite_and_keeps_going(tiny_suite, tmp_path, capsys):
-    code = cli.main(["zeroshot", "--model", "medclip-tiny", "--suite", str(tmp_path / "nope"), str(tiny_suite),
-                     "--out", str(tmp_path / "o"), "--bootstrap", "0", "--no-plots", "--quiet"])
-    assert code == 1
+def test_cli_stops_before_the_model_on_a_missing_suite(tiny_suite, tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        cli.main(["zeroshot", "--model", "medclip-tiny", "--suite", str(tmp_path / "nope"), str(tiny_suite),
+                  "--out", str(tmp_path / "o"), "--bootstrap", "0", "--no-plots", "--quiet", "--device", "cpu"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_keeps_going_when_one_suite_fails(tiny_suite, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_suite, broken)
+    sorted((broken / "images").iterdir())[0].unlink()
+    with pytest.raises(UserError, match="is missing"):
+        cli.main(["zeroshot", "--model", "medclip-tiny", "--suite", str(broken), str(tiny_suite), "--out",
+                  str(tmp_path / "o"), "--bootstrap", "0", "--no-plots", "--quiet", "--device", "cpu"])
+    # the suite that evaluated keeps its new results; the combined table is not rewritten without the failed one
     assert (tmp_path / "o/nih-tiny/zeroshot.json").is_file()
-    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "o/zeroshot.md").exists()
+    assert "left as it was because 1 suite(s) failed" in capsys.readouterr().out
 
 
 def test_cli_build_suite_from_csv(tmp_path, tiny_suite, capsys):

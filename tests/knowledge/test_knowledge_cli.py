@@ -5,6 +5,9 @@ import csv
 import json
 import tarfile
 
+import pytest
+
+from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.knowledge.cli import main
 
@@ -54,27 +57,26 @@ def test_cli_iu_reports_by_sentence(tmp_path, sample_dir):
     assert report_rows[0]["No Finding"] == "1.0" and report_rows[0]["Reports"].startswith("COMPARISON: None.")
 
 
-def test_cli_errors_name_the_file_and_keep_old_output(tmp_path, capsys):
+def test_cli_errors_name_the_file_and_keep_old_output(tmp_path):
     source = tmp_path / "reports.csv"
     source.write_text("text\nNo effusion.\n", encoding="utf-8")
     out = tmp_path / "labels.csv"
     out.write_text("previous output\n", encoding="utf-8")
-    assert main([str(source), "--out", str(out), "--quiet"]) == 2
-    error = capsys.readouterr().err
-    assert "reports.csv" in error and "text column 'Reports' not found" in error
+    with pytest.raises(UserError, match=r"reports\.csv: text column 'Reports' not found"):
+        main([str(source), "--out", str(out), "--quiet"])
     assert out.read_text() == "previous output\n"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv", "reports.csv"]  # no temp files left
 
     empty = tmp_path / "empty.csv"
     empty.write_text("Reports\n", encoding="utf-8")
-    assert main([str(empty), "--out", str(tmp_path / "x.csv"), "--quiet"]) == 2
-    assert "empty.csv: no reports found" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"empty\.csv: no reports found"):
+        main([str(empty), "--out", str(tmp_path / "x.csv"), "--quiet"])
     assert not (tmp_path / "x.csv").exists()
 
     bad_xml = tmp_path / "bad.xml"
     bad_xml.write_text("<eCitation>", encoding="utf-8")
-    assert main([str(bad_xml), "--out", str(tmp_path / "y.csv"), "--quiet"]) == 2
-    assert "bad.xml: unreadable XML" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"bad\.xml: unreadable XML"):
+        main([str(bad_xml), "--out", str(tmp_path / "y.csv"), "--quiet"])
 
 
 def test_cli_text_and_id_columns(tmp_path):

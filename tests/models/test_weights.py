@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -85,8 +87,8 @@ def test_released_zip_loads_and_convert_writes_a_local_dir(tmp_path, official_ti
         assert torch.allclose(ours, theirs, atol=1e-6)
     assert medclip_main(["info", str(out)]) == 0
     assert "local-dir" in capsys.readouterr().out
-    assert medclip_main(["convert", str(archive), "--model", "medclip-tiny", "--out", str(out)]) == 1
-    assert "not an empty folder" in capsys.readouterr().err
+    assert medclip_main(["convert", str(archive), "--model", "medclip-tiny", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"medclip convert: {out}: already exists and is not an empty folder; choose a new --out folder\n"
 
 
 def test_info_says_what_a_checkpoint_is(official_tiny, tmp_path, tiny_source, capsys):
@@ -190,3 +192,65 @@ def test_zip_without_weights_is_named(tmp_path):
         zf.writestr("README.txt", "hello")
     with pytest.raises(CheckpointError, match=r"readme\.zip: zip has no pytorch_model\.bin"):
         weights.read_state_dict(archive)
+
+
+# ------------------------------------------------------------------------------------------------ folders, temps
+
+
+def test_convert_takes_the_folder_the_release_unzips_to(tmp_path, official_tiny, capsys):
+    folder = tmp_path / "unzipped" / "medclip-pretrained"
+    folder.mkdir(parents=True)
+    official_tiny.rename(folder / "pytorch_model.bin")
+    assert weights.resolve_source(tmp_path / "unzipped") == folder / "pytorch_model.bin"
+    out = tmp_path / "converted"
+    assert medclip_main(["convert", str(tmp_path / "unzipped"), "--model", "medclip-tiny", "--out", str(out)]) == 0
+    assert f"wrote {out} (medclip-tiny)" in capsys.readouterr().out
+    assert medclip_main(["info", str(tmp_path / "unzipped")]) == 0
+    assert f"found in folder {tmp_path / 'unzipped'}" in capsys.readouterr().out
+
+
+def test_convert_without_model_refuses_to_guess_for_a_non_official_checkpoint(tmp_path, tiny_source, capsys):
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"state_dict": tiny_source.state_dict()}, path)
+    assert medclip_main(["convert", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medclip convert: {path}: an OpenCLIP checkpoint, so the model cannot be detected; "
+                          "pass --model (medclip-demo, ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_convert_leaves_no_temporary_and_cleans_stale_ones(tmp_path, official_tiny, capsys, monkeypatch):
+    import errno
+    import importlib
+
+    push_to_hf_hub = importlib.import_module("open_clip.push_to_hf_hub")  # the module, not the function
+
+    out = tmp_path / "converted"
+    stale = tmp_path / ".converted.tmp-999999999"  # left by a killed run (no such process)
+    stale.mkdir()
+    (stale / "open_clip_model.safetensors").write_bytes(b"partial")
+
+    def disk_full(model, tokenizer, config, save_directory, **kwargs):
+        os.makedirs(save_directory, exist_ok=True)
+        (Path(save_directory) / "open_clip_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(save_directory) / "open_clip_model.safetensors"))
+
+    monkeypatch.setattr(push_to_hf_hub, "save_for_hf", disk_full)
+    assert medclip_main(["convert", str(official_tiny), "--model", "medclip-tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medclip convert: ") and "open_clip_model.safetensors: No space left on device" in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_model.bin"]  # no temp, no half output
+    monkeypatch.undo()
+    assert medclip_main(["convert", str(official_tiny), "--model", "medclip-tiny", "--out", str(out)]) == 0
+    assert (out / "open_clip_model.safetensors").is_file()
+
+
+def test_existing_converted_folder_survives_a_failed_run(tmp_path, official_tiny, capsys):
+    out = tmp_path / "converted"
+    assert medclip_main(["convert", str(official_tiny), "--model", "medclip-tiny", "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a checkpoint")
+    assert medclip_main(["convert", str(bad), "--model", "medclip-tiny", "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before

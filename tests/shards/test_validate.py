@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from open_clip_medclip.shards import BuildOptions, build_shards, validate_shards
+from open_clip_medclip.shards.index import index_problems
 from open_clip_medclip.shards.validate import check_provenance, check_sample_json
 from open_clip_medclip.sources import iter_nih
 from tests.shards.conftest import REPO, SAMPLE
@@ -37,7 +38,7 @@ def good_folder(tmp_path) -> Path:
     import itertools
 
     build_shards(itertools.islice(iter_nih(SAMPLE / "nih_cxr14" / "labels.csv"), 3), tmp_path / "good",
-                 BuildOptions(image_size=32, progress=False))
+                 BuildOptions(image_size=32, progress=False, uncertainty="zeros"))
     return tmp_path / "good"
 
 
@@ -77,11 +78,11 @@ def _json_change(function):
 
 @pytest.mark.parametrize("member,change,expected", [
     ("nih__00000061_015__image.json", _json_change(lambda d: d["labels"].pop()),
-     "nih__00000061_015__image.json: labels must be a list of 14 values"),
+     "nih__00000061_015__image.json: labels: expected 14 label values, got 13"),
     ("nih__00000061_015__image.json", _json_change(lambda d: d["labels"].__setitem__(7, 2)),
-     "labels[7] (Pneumonia) is 2; allowed are 1, 0, -1, null"),
+     "labels[7] (Pneumonia): 2 is not a label value (allowed: 1, 0, -1 or blank)"),
     ("nih__00000061_015__image.json", _json_change(lambda d: d["labels"].__setitem__(8, -1)),
-     "labels: Atelectasis not allowed under uncertainty policy 'zeros'"),
+     "labels: Atelectasis not allowed under label policy 'zeros'"),
     ("nih__00000061_015__image.json", _json_change(lambda d: d.__setitem__("id", "other")),
      "is not the key of source 'nih', id 'other'"),
     ("nih__00000061_015__image.json", _json_change(lambda d: d.__setitem__("sentences", [{"text": "x"}])),
@@ -89,6 +90,8 @@ def _json_change(function):
     ("nih__00000061_015__image.json", lambda data: None, "nih__00000061_015__image.*: sample has no .json member"),
     ("nih__00000061_015__image.jpg", lambda data: data[:100], "nih__00000061_015__image.jpg: does not decode"),
     ("nih__00000061_015__image.jpg", lambda data: _rgb_jpeg(), "image mode is RGB"),
+    ("nih__00000061_015__image.jpg", lambda data: _gray_jpeg(48, 40),
+     "nih__00000061_015__image.jpg: image is 48x40, longer side above provenance image.longer_side 32"),
 ])
 def test_broken_member_gives_precise_message(good_folder, member, change, expected):
     shard = good_folder / "shard-000000.tar"
@@ -101,6 +104,24 @@ def _rgb_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def _gray_jpeg(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_decoded_image_problems_is_the_one_image_check():
+    """The mode and size checks `validate` runs after its decode (and the training stream after its own)."""
+    from open_clip_medclip.shards.validate import decoded_image_problems
+
+    assert decoded_image_problems("k.jpg", Image.new("L", (32, 20)), 32) == []
+    assert decoded_image_problems("k.jpg", Image.new("L", (64, 20)), None) == []  # no recorded size: not checked
+    found = decoded_image_problems("k.jpg", Image.new("RGB", (40, 20)), 32, shard="s.tar")
+    assert [str(p) for p in found] == [
+        "s.tar: k.jpg: image mode is RGB; the spec stores 8-bit grayscale (L)",
+        "s.tar: k.jpg: image is 40x20, longer side above provenance image.longer_side 32"]
 
 
 def test_folder_level_problems(good_folder):
@@ -149,3 +170,14 @@ def test_hand_written_checks_agree_with_schema_json(good_folder):
         for member in tar.getmembers():
             if member.name.endswith(".json"):
                 assert sample_validator.is_valid(json.loads(tar.extractfile(member).read()))
+    index_validator = jsonschema.Draft202012Validator({**schema, "$ref": "#/$defs/index"})
+    index = json.loads((good_folder / "index.json").read_text())
+    assert index_validator.is_valid(index) and not index_problems(index)
+    for key, bad in (("index_version", 2), ("label_policy", "maybe"), ("shards", {"x.tar": {"samples": 1,
+                                                                                          "kinds": {"image": 1}}}),
+                     ("bank", {"file": "../bank.npz", "entries": 1, "sha256": "0" * 64})):
+        broken = {**index, key: bad}
+        assert not index_validator.is_valid(broken) and index_problems(broken), key
+    line_validator = jsonschema.Draft202012Validator({**schema, "$ref": "#/$defs/checksums_line"})
+    for line in (good_folder / "index-samples.jsonl").read_text().splitlines():
+        assert line_validator.is_valid(json.loads(line))

@@ -26,7 +26,20 @@ def test_gpu_throughput_script_runs_a_tiny_cpu_step(capsys):
 
 
 def test_loss_benchmark_runs(capsys):
-    assert _load("bench_loss").main(["--batch-sizes", "16", "--dim", "8", "--repeats", "1",
-                                     "--kernels", "auto", "rows"]) == 0
+    assert _load("bench_loss").main(["--batch-sizes", "16", "--dim", "8", "--repeats", "1", "--labels", "random",
+                                     "--kernels", "auto", "rows", "--no-out"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert row["ratio_auto"] > 0 and row["ratio_rows"] > 0
+    assert row["soft_auto/auto_time_ratio"] > 0 and row["soft_rows/dense_time_ratio"] > 0
+    assert row["soft_auto/auto_used"] == "dense"  # random labels: every row distinct, no groups to use
+
+
+def test_loss_benchmark_on_iu_labels_with_simulated_local_loss(tmp_path, capsys):
+    out = tmp_path / "loss.json"
+    assert _load("bench_loss").main(["--batch-sizes", "32", "--dim", "8", "--repeats", "1", "--iu-reports", "40",
+                                     "--local-loss-batch", "128", "--world-size", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["rows"]
+    local = rows[-1]
+    assert local["local_loss"] and local["rows_per_rank"] == 32 and local["world_size"] == 4
+    assert local["soft_auto/auto_used"] == "grouped" and local["soft_auto/dense_used"] == "dense"
+    assert local["clip_peak_mib"] > 0 and local["soft_auto/auto_memory_ratio"] > 0
+    assert "simulated ranks" in capsys.readouterr().out

@@ -103,12 +103,12 @@ def _frozen_tiny_model():
 def _model_batch():
     import open_clip
 
-    from open_clip_medclip.streams import pack_labels
+    from open_clip_medclip.labels import pack_batch
 
     g = torch.Generator().manual_seed(5)
     tokens = open_clip.get_tokenizer("medclip-tiny")([f"finding number {i} in the lung ." for i in range(8)])
     il, tl = torch.randint(2, (8, 14), generator=g).float(), torch.randint(2, (8, 14), generator=g).float()
-    texts = torch.stack([pack_labels(tokens[i], il[i], tl[i]) for i in range(8)])
+    texts = pack_batch(tokens, il, tl)
     return torch.randn(8, 3, 128, 128, generator=g), texts
 
 

@@ -45,7 +45,8 @@ def _case(seed: int, batch: int, dim: int = 16, values=(0.0, 1.0), zero_rows: in
 
 @pytest.mark.reference
 def test_matches_reference_soft_clip_loss(medclip_reference, tmp_path: Path):
-    cases = [_case(0, 8), _case(1, 32, values=(0.0, 1.0, -1.0)), _case(2, 16, zero_rows=5), _case(3, 100)]
+    cases = [_case(0, 8), _case(1, 32, values=(0.0, 1.0, -1.0)), _case(2, 16, zero_rows=5), _case(3, 100),
+             _repeated_rows_case(17, 64)]  # the last one runs the grouped targets (few distinct label rows)
     ours, payload = [], []
     for image, text, scale, il, tl in cases:
         loss = SemanticMatchingLoss()(image, text, scale, image_labels=il, text_labels=tl)
@@ -165,3 +166,143 @@ def test_kernel_choice():
         SemanticMatchingLoss(kernel="square", local_loss=True, world_size=2)._row_layout(image)
     with pytest.raises(ValueError, match="loss kernel"):
         SemanticMatchingLoss(kernel="fused")
+
+
+def _repeated_rows_case(seed: int, batch: int, values=(0.0, 1.0, -1.0), pools=(6, 5)):
+    """Features plus label vectors drawn from a few distinct rows, as real batches are (few findings per sentence)."""
+    image, text, scale, _, _ = _case(seed, batch)
+    g = torch.Generator().manual_seed(seed + 100)
+    choices = torch.tensor(values)
+    image_pool = choices[torch.randint(len(values), (pools[0], 14), generator=g)]
+    text_pool = choices[torch.randint(len(values), (pools[1], 14), generator=g)]
+    il = image_pool[torch.randint(pools[0], (batch,), generator=g)]
+    tl = text_pool[torch.randint(pools[1], (batch,), generator=g)]
+    il[:2] = 0
+    return image, text, scale, il, tl
+
+
+def _value_and_grads(loss_fn, image, text, scale, il, tl, **kwargs):
+    image, text, scale = (t.clone().requires_grad_(True) for t in (image, text, scale))
+    loss = loss_fn(image, text, scale, image_labels=il, text_labels=tl, **kwargs)
+    loss.backward()
+    return loss.detach(), image.grad, text.grad, scale.grad
+
+
+@pytest.mark.parametrize("kernel", ["rows", "square"])
+@pytest.mark.parametrize("similarity,temperature,values,bias", [
+    ("dot", 1.0, (0.0, 1.0, -1.0), None),
+    ("cosine", 0.3, (0.0, 1.0), None),
+    ("dot", 0.5, (0.0, 1.0), -2.5),          # logit bias cancels in the grouped correction
+    ("dot", 1.0, (0.0, 0.5, 1.0), None),      # non-integer labels: the generic distinct-rows path
+])
+def test_grouped_targets_equal_dense_targets_and_the_formula(kernel, similarity, temperature, values, bias):
+    """The grouped targets (no B×B target matrix) give the dense loss, gradients included, and the plain formula."""
+    case = _repeated_rows_case(12, 40, values)
+    bias = None if bias is None else torch.tensor(bias)
+    results = {}
+    for mode in ("dense", "grouped"):
+        loss_fn = SemanticMatchingLoss(label_similarity=similarity, temperature=temperature, kernel=kernel, targets=mode)
+        results[mode] = _value_and_grads(loss_fn, *case, logit_bias=bias)
+        assert loss_fn.last_target_mode == mode
+    image, text, scale, il, tl = (t.clone() for t in case)
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    sim = label_similarity(il, tl, similarity) / temperature
+    logits = scale * image @ text.T + (0 if bias is None else bias)
+    expected = (F.cross_entropy(logits, sim.softmax(1)) + F.cross_entropy(logits.T, sim.T.softmax(1))) / 2
+    expected.backward()
+    for dense, grouped in zip(results["dense"], results["grouped"], strict=True):
+        assert torch.allclose(dense, grouped, atol=2e-6, rtol=1e-5)
+    assert abs(float(results["grouped"][0]) - float(expected.detach())) <= 2e-6
+    assert torch.allclose(results["grouped"][1], image.grad, atol=1e-6)
+    assert torch.allclose(results["grouped"][2], text.grad, atol=1e-6)
+
+
+def test_auto_targets_group_repeated_labels_and_fall_back_for_distinct_rows():
+    loss_fn = SemanticMatchingLoss()
+    loss_fn(*_repeated_rows_case(13, 64)[:3], image_labels=_repeated_rows_case(13, 64)[3],
+            text_labels=_repeated_rows_case(13, 64)[4])
+    assert loss_fn.last_target_mode == "grouped"
+    image, text, scale, il, tl = _case(14, 64)  # random 0/1 rows: nearly all distinct
+    loss_fn(image, text, scale, image_labels=il, text_labels=tl)
+    assert loss_fn.last_target_mode == "dense"
+    with pytest.raises(ValueError, match="soft-target mode"):
+        SemanticMatchingLoss(targets="sparse")
+
+
+def _simulate_rank(monkeypatch, rank: int, world: int, image, text, il, tl):
+    """Gathers of a `world`-rank run seen from `rank`, in one process (same semantics as ClipLoss' gather_features)."""
+    import open_clip_medclip.loss as medclip_loss
+
+    local = image.shape[0] // world
+
+    def gather(image_features, text_features, local_loss=False, gather_with_grad=False, rank=0, world_size=1, **_):
+        out = []
+        for mine, everyone in ((image_features, image), (text_features, text)):
+            parts = list(everyone.detach().split(local))
+            if gather_with_grad or not local_loss:
+                parts[rank] = mine
+            out.append(torch.cat(parts))
+        return tuple(out)
+
+    def gather_labels(labels, _world_size, _use_horovod):
+        everyone = il if labels.data_ptr() == il[rank * local:].data_ptr() else tl
+        return everyone
+
+    monkeypatch.setattr(medclip_loss, "gather_features", gather)
+    monkeypatch.setattr(medclip_loss, "_all_gather_nograd", gather_labels)
+    rows = slice(rank * local, (rank + 1) * local)
+    return image[rows], text[rows], il[rows], tl[rows]
+
+
+@pytest.mark.parametrize("local_loss", [True, False])
+def test_grouped_targets_under_simulated_ranks_equal_dense_and_the_global_loss(monkeypatch, local_loss):
+    world = 3
+    image, text, scale, il, tl = _repeated_rows_case(15, 36)
+    reference = float(SemanticMatchingLoss(targets="dense")(image, text, scale, image_labels=il, text_labels=tl))
+    losses = []
+    for rank in range(world):
+        img, txt, rank_il, rank_tl = _simulate_rank(monkeypatch, rank, world, image, text, il, tl)
+        results = {}
+        for mode in ("dense", "grouped"):
+            loss_fn = SemanticMatchingLoss(targets=mode, local_loss=local_loss, rank=rank, world_size=world)
+            results[mode] = _value_and_grads(loss_fn, img, txt, scale, rank_il, rank_tl)
+        for dense, grouped in zip(results["dense"], results["grouped"], strict=True):
+            assert torch.allclose(dense, grouped, atol=2e-6, rtol=1e-5)
+        losses.append(float(results["grouped"][0]))
+    if local_loss:
+        assert abs(sum(losses) / world - reference) <= 2e-6  # DDP averages the per-rank losses
+    else:
+        assert all(abs(loss - reference) <= 2e-6 for loss in losses)
+
+
+def _saved_bytes(loss_fn, image, text, scale, il, tl, soft: bool = True) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one loss call."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    image, text, scale = (t.clone().requires_grad_(True) for t in (image, text, scale))
+    inputs = {t.untyped_storage().data_ptr() for t in (image, text, scale)}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        if soft:
+            loss_fn(image, text, scale, image_labels=il, text_labels=tl)
+        else:
+            loss_fn(image, text, scale)
+    return sum(size for key, size in storages.items() if key not in inputs)
+
+
+@pytest.mark.parametrize("kernel", ["rows", "square"])
+def test_grouped_targets_keep_no_batch_squared_matrix_beyond_clip_loss(kernel):
+    """Memory: the grouped soft loss saves what ClipLoss saves (± small B×D terms); dense targets add B×B ones."""
+    batch = 512
+    case = _repeated_rows_case(16, batch, pools=(20, 8))
+    clip = _saved_bytes(ClipLoss(), *case, soft=False)
+    grouped = _saved_bytes(SemanticMatchingLoss(kernel=kernel, targets="grouped"), *case)
+    dense = _saved_bytes(SemanticMatchingLoss(kernel=kernel, targets="dense"), *case)
+    matrix, features = batch * batch * 4, batch * 16 * 4
+    assert grouped <= clip + 4 * features  # a few B×D feature-sized tensors at most
+    target_matrices = 2 if kernel == "rows" else 1
+    assert dense >= grouped - 4 * features + target_matrices * matrix

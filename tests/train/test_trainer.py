@@ -15,8 +15,9 @@ from open_clip_medclip.plugins import openclip_train
 
 import open_clip_medclip  # noqa: F401
 from open_clip_medclip import train as medclip_train
+from open_clip_medclip.errors import UserError
+from open_clip_medclip.labels import pack_batch
 from open_clip_medclip.loss import SemanticMatchingLoss
-from open_clip_medclip.streams import pack_labels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def _fixed_batch(n: int = 8, seed: int = 0):
     tokens = tokenizer([sentences[i % 4] + f" case {i}" for i in range(n)])
     il = torch.randint(2, (n, 14), generator=g).float()
     tl = torch.randint(2, (n, 14), generator=g).float()
-    texts = torch.stack([pack_labels(tokens[i], il[i], tl[i]) for i in range(n)])
+    texts = pack_batch(tokens, il, tl)
     images = torch.randn(n, 3, 128, 128, generator=g)
     return images, texts
 
@@ -175,8 +176,11 @@ def test_patches_are_restored_after_a_run():
     import open_clip_train.main as host_main
 
     before = (host_main.parse_args, host_main.get_data, host_main.create_loss, torch.nn.parallel.DistributedDataParallel)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="unrecognized arguments: --no-such-flag"):
         medclip_train.main(["--model", "medclip-tiny", "--no-such-flag"])
+    with pytest.raises(ValueError):  # a failure inside the run restores them too
+        medclip_train.main(["--model", "medclip-tiny", "--train-data", "x.tar", "--device", "cpu",
+                            "--dataset-type", "webdataset", "--logs", "/nonexistent/\0"])
     after = (host_main.parse_args, host_main.get_data, host_main.create_loss, torch.nn.parallel.DistributedDataParallel)
     assert before == after
 
@@ -203,13 +207,15 @@ def test_passthrough_adds_no_state_and_leaves_plain_text_alone():
     model.eval()
     images, texts = _fixed_batch(2)
     packed = model(images, texts)
-    plain = model(images, texts[:, :77])
+    plain = model(images, texts[:, :77])  # the token columns alone
     assert torch.allclose(packed["text_features"], plain["text_features"]) and "image_labels" not in plain
     assert packed["image_labels"].shape == (2, 14)
 
 
 def test_autoload_registers_models_for_plain_open_clip(tmp_path: Path):
-    files = openclip_train.install_autoload(str(tmp_path))
+    from open_clip_medclip import autoload
+
+    files = autoload.install_autoload(str(tmp_path))
     assert all(Path(f).exists() for f in files)
     code = ("import site, sys; site.addsitedir(sys.argv[1]); assert 'torch' not in sys.modules; "
             "import open_clip; print('medclip-tiny' in open_clip.list_models())")
@@ -217,7 +223,7 @@ def test_autoload_registers_models_for_plain_open_clip(tmp_path: Path):
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
                             timeout=120, cwd=tmp_path)
     assert result.stdout.strip().endswith("True"), result.stderr[-2000:]
-    assert openclip_train.uninstall_autoload(str(tmp_path)) == files
+    assert autoload.uninstall_autoload(str(tmp_path)) == files
 
 
 def test_single_process_training_on_real_shards(tmp_path: Path, real_shards):
@@ -259,3 +265,28 @@ def test_suite_zero_shot_runs_inside_training(tmp_path: Path, small_shards):
     assert 0.0 <= results[-1]["nih-train-tiny-zeroshot-accuracy"] <= 1.0
     assert "nih-train-tiny-zeroshot-macro-auc" in results[-1] or "nih-train-tiny-zeroshot-auc" in results[-1]
     assert openclip_train._ZERO_SHOT_HOOKS == []  # unregistered after the run
+
+
+def test_train_cli_mistakes_are_one_line_with_a_short_usage(capsys):
+    from open_clip_medclip import cli
+
+    assert cli.main(["train", "--model", "medclip-tiny", "--warmupp", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: medclip train") and len(err) <= 5, err
+    assert err[-1] == "medclip train: unrecognized arguments: --warmupp (did you mean: --warmup?)"
+
+    assert cli.main(["train", "--model", "medclip-tiny", "--medclip-los", "clip"]) == 2
+    assert "--medclip-los (did you mean: --medclip-loss" in capsys.readouterr().err
+
+    assert cli.main(["train", "--model", "medclip-swim", "--train-data", "x.tar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medclip train: unknown model 'medclip-swim' (did you mean: medclip-swin")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_cli_missing_cuda_follows_the_device_policy(capsys):
+    from open_clip_medclip import cli
+
+    assert cli.main(["train", "--model", "medclip-tiny", "--device", "cuda", "--train-data", "x.tar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["medclip train: --device cuda: this machine has no CUDA device; use --device cpu"]

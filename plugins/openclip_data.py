@@ -1,0 +1,189 @@
+"""Host glue for data: the only place that touches `open_clip_train.data` and `webdataset` internals.
+
+The label-aware streams (`open_clip_medclip.streams`) do not copy `open_clip_train.data.get_wds_dataset`: they
+call it, then splice their stages into the pipeline it built. Upstream keeps everything it owns — shard list or
+`ResampledShards2` with upsampling factors, the seeded shard shuffle, `split_by_node`/`split_by_worker`,
+`with_epoch`, the batch/sample arithmetic and the `WebLoader` — and three places are replaced:
+
+    [shards ... split_by_worker] [tar reader]   [sample shuffle]  [select ... decode ... batched]
+                                  -> counted,    -> seeded per       -> MedCLIP tail: validate, pair texts,
+                                     any URL        rank/worker/epoch   transform, batch, trim, pack labels
+
+Every attribute used is checked at import (`check_host`); a pipeline that no longer has the expected shape fails
+with `HostMismatchError` naming the stage, never silently. `gather_features` (OpenCLIP's feature all-gather) is
+re-exported here for `open_clip_medclip.loss`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import urlparse
+
+import open_clip
+import open_clip.loss
+import open_clip_train.data as ocd
+import webdataset as wds
+from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host
+
+# `webdataset.gopen` is shadowed by the function of the same name in the package namespace.
+wds_gopen = importlib.import_module("webdataset.gopen")
+wds_filters = importlib.import_module("webdataset.filters")
+wds_tar = importlib.import_module("webdataset.tariterators")
+
+_REQUIRED = {
+    ocd: (
+        "get_wds_dataset",
+        "tarfile_to_samples_nothrow",
+        "group_by_keys_nothrow",
+        "filter_no_caption_or_no_image",
+        "log_and_continue",
+        "SharedEpoch",
+        "DataInfo",
+    ),
+    wds: ("DataPipeline", "WebLoader", "batched", "select", "map"),
+    wds_filters: ("FilterFunction", "_shuffle", "_select", "_batched"),
+    wds_tar: ("tar_file_expander", "tarfile_samples"),
+    wds_gopen: ("gopen", "gopen_schemes"),
+    open_clip.loss: ("gather_features",),
+}
+
+
+def check_host() -> None:
+    """Fail loudly, naming each attribute, if an open_clip_train / webdataset internal we use has gone."""
+    require_host(missing_attributes(_REQUIRED), "open_clip_torch 3.3.x (open_clip_train) with webdataset 0.2.x",
+                 f"open_clip {open_clip.__version__}, webdataset {getattr(wds, '__version__', '?')}",
+                 "open_clip_torch>=3.3,<3.4 webdataset>=0.2.86,<1")
+
+
+check_host()
+
+gather_features = open_clip.loss.gather_features
+SharedEpoch = ocd.SharedEpoch
+DataInfo = ocd.DataInfo
+log_and_continue = ocd.log_and_continue
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading shards from any URL
+# ----------------------------------------------------------------------------------------------------------------
+def gopen_handles(url: str) -> bool:
+    """Whether webdataset's `gopen` opens `url` itself (local paths, file:, pipe:, http(s):, ...)."""
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or (len(scheme) == 1) or scheme in wds_gopen.gopen_schemes
+
+
+def open_url(url: str):
+    """A binary stream for any URL webdataset or fsspec can open (fsspec for `s3://`, `gcs://`, `memory://`...)."""
+    if gopen_handles(url):
+        return wds_gopen.gopen(url, "rb")
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec is a dependency of open_clip_train
+        raise ValueError(f"{url}: webdataset has no handler for this URL scheme and fsspec is not installed") from None
+    return fsspec.open(url, "rb").open()
+
+
+def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The samples of one shard, grouped by key as `open_clip_train.data.tarfile_to_samples_nothrow` does.
+
+    Errors (unopenable URL, broken tar) go to `handler` with the URL as the exception's last argument.
+    """
+    try:
+        stream = open_url(url)
+    except Exception as exc:  # noqa: BLE001 - the handler decides
+        exc.args = exc.args + (url,)
+        if handler(exc):
+            return
+        raise
+    try:
+        files = wds_tar.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        # webdataset >= 1.0 ends each shard with an empty marker that open_clip_train 3.3's grouper cannot read
+        yield from ocd.group_by_keys_nothrow((f for f in files if "fname" in f), handler=handler)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - a pipe: command's exit status, reported by the handler
+                exc.args = exc.args + (url,)
+                handler(exc)
+
+
+def seeded_shuffle(source: Iterable[dict], bufsize: int, initial: int, rng) -> Iterator[dict]:
+    """webdataset's sample shuffle buffer with a caller-seeded RNG (`wds.shuffle` seeds from pid and time)."""
+    return wds_filters._shuffle(iter(source), bufsize=bufsize, initial=initial, rng=rng)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splicing into open_clip_train's own get_wds_dataset
+# ----------------------------------------------------------------------------------------------------------------
+def _is_filter(stage, function) -> bool:
+    return isinstance(stage, wds_filters.FilterFunction) and stage.f is function
+
+
+def _mismatch(what: str, stages: list) -> HostMismatchError:
+    shown = ", ".join(getattr(getattr(s, "f", s), "__name__", type(s).__name__) for s in stages)
+    return HostMismatchError(
+        f"open_clip_train.data.get_wds_dataset built a pipeline without {what} ({shown}); open_clip_medclip "
+        "supports open_clip_torch 3.3.x with webdataset 0.2.x. Install 'open_clip_torch>=3.3,<3.4'."
+    )
+
+
+StageBuilder = Callable[..., tuple[Callable, Callable | None, list]]
+
+
+def spliced_wds_dataset(args, preprocess_img, is_train: bool, epoch: int, floor: bool, tokenizer,
+                        shards: list[str], weights: list[float] | None, num_samples: int,
+                        build_stages: StageBuilder):
+    """`open_clip_train.data.get_wds_dataset` on `shards`, with MedCLIP's stages spliced in.
+
+    `build_stages(shared_epoch=, worker_batches=, shuffle=(bufsize, initial) | None)` returns
+    `(reader, shuffle_stage | None, tail)`: the tar reader (a stage over `{"url": ...}` dicts), the sample shuffle
+    (train only) and the stages from sample selection to batching.
+    """
+    resampled = bool(getattr(args, "dataset_resampled", False)) and is_train
+    host = copy.copy(args)
+    # upstream expands a `::`-joined string (a list only together with upsampling factors)
+    urls = list(shards) if resampled else "::".join(shards)
+    if not resampled and any("::" in u or "{" in u for u in shards):
+        raise HostMismatchError(f"shard URLs with '::' or braces cannot be passed to open_clip_train: {shards}")
+    if is_train:
+        host.train_data = urls
+        host.train_num_samples = args.train_num_samples or num_samples
+        # ResampledShards2 only expands a URL list together with weights: uniform ones when none are given
+        host.train_data_upsampling_factors = (list(weights) if weights is not None else [1.0] * len(shards)) \
+            if resampled else None
+    else:
+        host.val_data = urls
+    info = ocd.get_wds_dataset(host, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=tokenizer)
+
+    loader = info.dataloader
+    inner = getattr(loader, "pipeline", [None])[0]
+    dataset = getattr(inner, "dataset", None)
+    if not isinstance(dataset, wds.DataPipeline):
+        raise _mismatch("a WebLoader over a DataPipeline", [loader])
+    stages = dataset.pipeline
+    reader_at = next((i for i, s in enumerate(stages)
+                      if s is ocd.tarfile_to_samples_nothrow or _is_filter(s, wds_tar.tarfile_samples)), None)
+    if reader_at is None:
+        raise _mismatch("a tar reader stage", stages)
+    shuffle = None
+    tail_at = reader_at + 1
+    if is_train:
+        if tail_at >= len(stages) or not _is_filter(stages[tail_at], wds_filters._shuffle):
+            raise _mismatch("the sample shuffle after the tar reader", stages)
+        shuffle = tuple(stages[tail_at].args[:2]) if len(stages[tail_at].args) >= 2 else (
+            stages[tail_at].kw.get("bufsize"), stages[tail_at].kw.get("initial"))
+        tail_at += 1
+    if not (tail_at < len(stages) and _is_filter(stages[tail_at], wds_filters._select)
+            and _is_filter(stages[-1], wds_filters._batched)):
+        raise _mismatch("select ... batched after the reader", stages)
+    worker_batches = dataset.nsamples if dataset.nsamples > 0 else None
+    reader, shuffle_stage, tail = build_stages(shared_epoch=info.shared_epoch, worker_batches=worker_batches,
+                                               shuffle=shuffle)
+    new_stages = stages[:reader_at] + [reader]
+    if is_train:
+        new_stages.append(shuffle_stage)
+    dataset.pipeline = new_stages + list(tail)
+    return info
