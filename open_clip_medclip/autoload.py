@@ -80,6 +80,9 @@ def after_import(name: str, module: ModuleType) -> None:
     """Called by the autoload right after `name` was imported."""
     if name == "open_clip":
         import open_clip_medclip  # noqa: F401  (registers the MedCLIP models)
+        from open_clip_medclip.plugins.clip_benchmark import install_if_clip_benchmark_running
+
+        install_if_clip_benchmark_running()  # plain `clip_benchmark eval`: the suite's prompts, no NaN metrics
     elif name == "open_clip_train.params":
         from open_clip_medclip.plugins.openclip_main import hook_params
 
@@ -98,11 +101,10 @@ def install_autoload(site_dir: str | None = None) -> list[str]:
     os.makedirs(site_dir, exist_ok=True)
     module_path = os.path.join(site_dir, AUTOLOAD_MODULE + ".py")
     pth_path = os.path.join(site_dir, AUTOLOAD_PTH)
-    for path, text in ((module_path, AUTOLOAD_SOURCE), (pth_path, f"import {AUTOLOAD_MODULE}\n")):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+    from open_clip_medclip.atomic import write_text
+
+    write_text(module_path, AUTOLOAD_SOURCE)  # the module first: a .pth without it would fail at every start-up
+    write_text(pth_path, f"import {AUTOLOAD_MODULE}\n")
     return [pth_path, module_path]
 
 

@@ -1,9 +1,9 @@
 """Crash-safe training checkpoints: atomic writes and a resume that skips unreadable files.
 
-`atomic_save(obj, path)` writes `torch.save(obj)` to `<path>.tmp-<pid>` beside the target, fsyncs it, renames it
-over `path` and fsyncs the folder: a run killed while saving leaves the previous checkpoints intact and no
-partial file under a checkpoint name (temporary names do not end in `.pt`, so `--resume latest` never sees them;
-a dead run's leftovers are removed on the next save).
+`atomic_save(obj, path)` writes `torch.save(obj)` to `.<name>.tmp-<pid>` beside the target, fsyncs it, renames it
+over `path` and fsyncs the folder (`open_clip_medclip.atomic`): a run killed while saving leaves the previous
+checkpoints intact and no partial file under a checkpoint name (temporary names are hidden and do not end in
+`.pt`, so `--resume latest` never sees them; a dead run's leftovers are removed on the next save).
 
 `unreadable_reason(path)` says why a checkpoint cannot be loaded (empty, truncated: no zip central directory, no
 pickled object) without reading the tensors; `newest_readable(paths)` picks the newest good one of a sorted list
@@ -12,61 +12,16 @@ saves and `--resume latest` through these.
 """
 from __future__ import annotations
 
-import glob
-import logging
 import os
 import zipfile
 from collections.abc import Sequence
 
-log = logging.getLogger("open_clip_medclip")
-
-TMP_INFIX = ".tmp-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: str) -> list[str]:
-    """Delete `<path>.tmp-<pid>` files left by runs that died while saving; returns what was removed."""
-    removed = []
-    for candidate in glob.glob(glob.escape(path) + TMP_INFIX + "*"):
-        suffix = candidate[len(path) + len(TMP_INFIX):]
-        if not suffix.isdigit() or int(suffix) == os.getpid() or _pid_alive(int(suffix)):
-            continue
-        try:
-            os.remove(candidate)
-        except OSError:
-            continue
-        removed.append(candidate)
-        log.warning("removed a partial checkpoint left by a run that died while saving: %s", candidate)
-    return removed
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder or ".", os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows); the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from open_clip_medclip.atomic import atomic_write
 
 
 def atomic_save(obj, path, save=None) -> None:
-    """`torch.save(obj, path)` through a fsynced temporary file and an atomic rename.
-
-    Non-path targets (file objects, buffers) are passed to `save` unchanged.
-    """
+    """`torch.save(obj, path)` through `atomic.atomic_write` (hidden fsynced temporary file, atomic rename; a dead
+    run's temporary for the same name is removed first). Non-path targets (file objects) go to `save` unchanged."""
     if save is None:
         import torch
 
@@ -74,22 +29,8 @@ def atomic_save(obj, path, save=None) -> None:
     if not isinstance(path, (str, os.PathLike)):
         save(obj, path)
         return
-    path = os.fspath(path)
-    remove_stale_temporaries(path)
-    tmp = f"{path}{TMP_INFIX}{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(path))
+    with atomic_write(path, "wb") as handle:
+        save(obj, handle)
 
 
 def unreadable_reason(path: str) -> str | None:

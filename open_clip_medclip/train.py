@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-from open_clip_medclip.errors import UserError, did_you_mean, resolve_device, unknown_name_error
+from open_clip_medclip.errors import UserError, did_you_mean, resolve_device
 from open_clip_medclip.labels import TRAINING_POLICIES
 from open_clip_medclip.loss import LABEL_SIMILARITIES, LOSS_KINDS
 
@@ -149,7 +149,7 @@ class _ParserError(Exception):
 def _check_trainer_flags(trainer_argv: list[str], medclip_parser: argparse.ArgumentParser) -> None:
     """Run open_clip_train's own parser on the flags; a mistake is one line with close matches and a short
     usage (its own error would print 55 lines of open_clip_train usage)."""
-    from open_clip_train.params import parse_args
+    from open_clip_medclip.plugins.openclip_train import trainer_parse_args as parse_args
 
     original_error = argparse.ArgumentParser.error
 
@@ -185,19 +185,16 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def _check_model_name(name: str | None) -> None:
-    if not name or name.startswith(("hf-hub:", "local-dir:")):
-        return
-    import open_clip
+    if name:
+        from open_clip_medclip.model_names import check_model_name
 
-    known = open_clip.list_models()
-    if name.replace("/", "-") not in known:
-        raise unknown_name_error("model", name, known)
+        check_model_name(name)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> None:
     parser.print_help()
     print("\nopen_clip_train options:\n")
-    from open_clip_train.params import parse_args
+    from open_clip_medclip.plugins.openclip_train import trainer_parse_args as parse_args
 
     try:
         parse_args(["--help"])
@@ -226,12 +223,11 @@ def suite_zero_shot_hook(suites: list[str]):
         if not frequency or (epoch % frequency != 0 and epoch != args.epochs):
             return {}
         import open_clip
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-        from open_clip_train.precision import get_autocast
 
         from open_clip_medclip.eval.zeroshot import zero_shot_metrics
+        from open_clip_medclip.plugins.openclip_train import eval_preprocess, get_autocast
 
-        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        preprocess = eval_preprocess(model)
         tokenizer = tokenizer or open_clip.get_tokenizer(args.model)
         device_type = str(args.device).split(":")[0]
         metrics: dict[str, float] = {}

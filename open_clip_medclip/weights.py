@@ -403,11 +403,11 @@ def export_local_dir(model_name: str, source: str | os.PathLike, out_dir: str | 
     import shutil
 
     import open_clip
-    from open_clip.push_to_hf_hub import save_for_hf
 
     from open_clip_medclip.atomic import temp_path
     from open_clip_medclip.model_names import check_model_name
     from open_clip_medclip.models import portable_model_config
+    from open_clip_medclip.plugins.openclip_models import save_for_hf
 
     check_model_name(model_name)
     source = resolve_source(source)

@@ -16,6 +16,7 @@ hook (no OpenCLIP symbol involved). Every patched attribute is checked at import
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from types import SimpleNamespace
 
@@ -24,12 +25,18 @@ import torch
 from open_clip import factory, hf_model, pretrained
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
-from open_clip_medclip import models
+from open_clip_medclip import models, timm_weights
+from open_clip_medclip.download import wrap_download_pretrained
+
+# `open_clip.push_to_hf_hub` is shadowed by the function of that name in open_clip's namespace
+hf_hub_module = importlib.import_module("open_clip.push_to_hf_hub")
 
 _REQUIRED = {
-    factory: ("_MODEL_CONFIGS", "load_checkpoint", "set_model_preprocess_cfg", "create_model", "get_model_config"),
+    factory: ("_MODEL_CONFIGS", "load_checkpoint", "set_model_preprocess_cfg", "create_model", "get_model_config",
+              "download_pretrained"),
     hf_model: ("AutoConfig", "AutoModel", "register_pooler", "_POOLERS", "HFTextEncoder", "arch_dict"),
     pretrained: ("_PRETRAINED",),
+    hf_hub_module: ("save_for_hf",),
 }
 
 
@@ -180,6 +187,7 @@ def install() -> None:
     _ORIGINAL.load_checkpoint = factory.load_checkpoint
     _ORIGINAL.set_model_preprocess_cfg = factory.set_model_preprocess_cfg
     _ORIGINAL.create_model = factory.create_model
+    _ORIGINAL.download_pretrained = factory.download_pretrained
 
     hf_model.register_pooler(models.MedclipPooler)
     hf_model.register_pooler(models.MedclipMaskedPooler)
@@ -193,6 +201,8 @@ def install() -> None:
     factory.load_checkpoint = _load_checkpoint
     factory.set_model_preprocess_cfg = _set_model_preprocess_cfg
     factory.create_model = _create_model  # create_model_and_transforms looks it up here
+    # official-weight downloads: timeouts, .part file, zip/size/sha256 check before the cache rename, retries
+    factory.download_pretrained = wrap_download_pretrained(_ORIGINAL.download_pretrained)
     if open_clip.create_model is _ORIGINAL.create_model:
         open_clip.create_model = _create_model
 
@@ -204,4 +214,10 @@ def install() -> None:
     if bert is not None:
         bert["config_names"].setdefault("layer_attr", "layer")
         bert["config_names"].setdefault("token_embeddings_attr", "embeddings")
+    timm_weights.install()  # offline pretrained timm towers (EfficientNet-Lite0 for medclip-demo)
     _INSTALLED = True
+
+
+def save_for_hf(*args, **kwargs):
+    """OpenCLIP's `push_to_hf_hub.save_for_hf` (config + safetensors + tokenizer files in the hub layout)."""
+    return hf_hub_module.save_for_hf(*args, **kwargs)

@@ -44,15 +44,17 @@ import open_clip_train
 import open_clip_train.data
 import open_clip_train.main
 import open_clip_train.params
+import open_clip_train.precision
 import open_clip_train.train
 import torch
 from open_clip import factory, model
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
 from open_clip_medclip import checkpoints, labels
+from open_clip_medclip.augment import medclip_train_transform
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
-from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform
+from open_clip_medclip.streams import get_medclip_wds_dataset
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -75,6 +77,7 @@ _NAMESPACE_NAMES = (
 _REQUIRED = {
     open_clip_train.main: _NAMESPACE_NAMES,
     open_clip_train.params: ("parse_args",),
+    open_clip_train.precision: ("get_autocast",),
     open_clip_train.data: (
         "get_data",
         "get_dataset_fn",
@@ -82,15 +85,6 @@ _REQUIRED = {
         "tar_file_expander",
         "tarfile_to_samples_nothrow",
         "group_by_keys_nothrow",
-        "DataInfo",
-        "SharedEpoch",
-        "ResampledShards2",
-        "detshuffle2",
-        "log_and_continue",
-        "_SHARD_SHUFFLE_SIZE",
-        "_SHARD_SHUFFLE_INITIAL",
-        "_SAMPLE_SHUFFLE_SIZE",
-        "_SAMPLE_SHUFFLE_INITIAL",
     ),
     open_clip_train.train: ("train_one_epoch", "zero_shot_eval", "evaluate"),
     model: ("CustomTextCLIP", "CLIP", "get_model_preprocess_cfg"),
@@ -625,7 +619,7 @@ def run_trainer(trainer_argv: list[str], medclip_args):
 # ----------------------------------------------------------------------------------------------------------------
 # Plain `python -m open_clip_train.main` (autoload): decide per run from --model and --train-data
 # ----------------------------------------------------------------------------------------------------------------
-_HOST_INSTALLED: dict[int, tuple[dict, dict]] = {}
+_HOST_INSTALLED: dict[int, tuple[dict, dict, ZeroShotHook | None]] = {}
 
 
 def medclip_options_parser() -> argparse.ArgumentParser:
@@ -651,7 +645,9 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         return original(argv)
     previous = _HOST_INSTALLED.pop(id(namespace), None)
     if previous is not None:  # an earlier run in this process
-        _restore(*previous)
+        _restore(previous[0], previous[1])
+        if previous[2] is not None:
+            unregister_zero_shot_eval(previous[2])
     parser = medclip_options_parser()
     if "-h" in argv or "--help" in argv:
         parser.print_help()
@@ -672,6 +668,31 @@ def host_parse_args(original: Callable, argv, namespace: dict):
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
     run = _Run(medclip_args, streams=labelled, data_note=note)
     run.args = args
+    hook = None
+    if labelled and medclip_args.medclip_zeroshot_suite:
+        from open_clip_medclip.train import suite_zero_shot_hook
+
+        hook = register_zero_shot_eval(suite_zero_shot_hook(medclip_args.medclip_zeroshot_suite))
     saved = _install(namespace, run.namespace_replacements(namespace, with_parse_args=False))
-    _HOST_INSTALLED[id(namespace)] = (namespace, saved)
+    _HOST_INSTALLED[id(namespace)] = (namespace, saved, hook)
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host pieces the library needs outside a training run (so no module outside plugins/ imports open_clip_train)
+# ----------------------------------------------------------------------------------------------------------------
+def trainer_parse_args(argv: list[str]):
+    """open_clip_train's own argument parser (flag checks and `medclip train --help`)."""
+    return open_clip_train.params.parse_args(argv)
+
+
+def get_autocast(precision: str, device_type: str = "cuda"):
+    """open_clip_train's autocast factory for a `--precision` value."""
+    return open_clip_train.precision.get_autocast(precision, device_type=device_type)
+
+
+def eval_preprocess(clip_model: torch.nn.Module):
+    """The evaluation image transform a model's own preprocess config describes."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**clip_model.visual.preprocess_cfg), is_train=False)

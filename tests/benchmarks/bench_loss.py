@@ -36,7 +36,8 @@ from open_clip.loss import ClipLoss
 import open_clip_medclip.loss as medclip_loss
 from open_clip_medclip.loss import LOSS_KERNELS, TARGET_MODES, SemanticMatchingLoss
 
-SAMPLE_REPORTS = Path(medclip_loss.__file__).resolve().parent / "sample_data" / "iu_reports" / "NLMCXR_reports.tgz"
+SAMPLE_REPORTS = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sample_data" / "iu_reports" / \
+    "NLMCXR_reports.tgz"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -253,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a busy machine)")
     add_output_arguments(parser, "bench_loss_cpu")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="CUDA: keep fp32 matmuls exact (OpenCLIP's trainer allows TF32, so the default does too)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     if args.device == "cuda" and args.out == str(RESULTS_DIR / "bench_loss_cpu.json"):
         args.out = str(RESULTS_DIR / "bench_loss_gpu.json")
     if args.threads:
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + line)
     if args.device == "cuda" and not args.machine:
         args.machine = machine(args.device)
-    write_results(args, {"labels": args.labels, "threads": torch.get_num_threads(), "rows": rows,
+    write_results(args, {"labels": args.labels, "threads": torch.get_num_threads(),
+                         "tf32": args.device == "cuda" and not args.no_tf32, "rows": rows,
                          "summary": [header, *summary]}, argv, __file__)
     return 0
 

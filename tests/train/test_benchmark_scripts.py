@@ -18,10 +18,14 @@ def _load(name: str):
 def test_gpu_throughput_script_runs_a_tiny_cpu_step(capsys):
     script = _load("gpu_train_throughput")
     assert script.main(["--model", "medclip-tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "2",
-                        "--steps", "1", "--warmup-steps", "1", "--profile", "1"]) == 0
+                        "--steps", "1", "--warmup-steps", "1", "--profile", "1", "--iu-reports", "30",
+                        "--distinct-batches", "2"]) == 0
     out = capsys.readouterr().out
     result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert result["samples_per_s"] > 0 and result["model_tflop_per_step"] > 0 and result["mfu"] is None
+    # real IU sentences, trimmed per batch (a multiple of 8, far below OpenCLIP's 77), SDPA in the text tower
+    assert len(result["widths"]) == 2 and all(w % 8 == 0 and w < 77 for w in result["widths"])
+    assert result["text_attention"] == "sdpa"
     assert result["profiled_step_ms"] > 0 and "Self CPU time total" in out  # the profile table was printed
 
 

@@ -120,6 +120,10 @@ def test_host_main_leaves_other_models_alone_and_survives_shard_end_markers(tmp_
     assert "KeyError" not in result.stderr
     assert (tmp_path / "other" / "checkpoints" / "epoch_1.pt").is_file()
 
+
+def test_host_main_medclip_flags_on_other_models_are_a_short_error(tmp_path: Path, autoload_env):
+    shard = _plain_shard(tmp_path / "plain-000000.tar")
+    model = _tiny_plain_clip(tmp_path / "tinyclip")
     # --medclip-* flags are for MedCLIP models: a short error, before anything is built
     wrong = _host(autoload_env, tmp_path, "--model", model, "--train-data", str(shard), "--medclip-loss", "clip",
                   "--logs", str(tmp_path), "--name", "wrong", *COMMON, timeout=300)
