@@ -1,4 +1,4 @@
-"""MedCLIP's training augmentation (reference §1.4), as picklable transforms for OpenCLIP's data loaders.
+"""MedCLIP's training augmentation (as in the MedCLIP reference code), as picklable transforms for OpenCLIP's data loaders.
 
 Evaluation uses the model's own preprocessing (`open_clip_medclip.models.medclip_image_transform`); this module is
 the training transform that `medclip train` puts in place of OpenCLIP's (`--medclip-augment medclip`, default).

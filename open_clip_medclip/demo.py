@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+from open_clip_medclip.sources import SAMPLE_DATA_DIR as SAMPLE_DIR
+
 BINARY_SUITES = ("nih-pneumonia", "pediatric-pneumonia")
 MULTILABEL_SUITE = "nih-findings"
 LOSSES = {"soft": "semantic matching (MedCLIP)", "clip": "InfoNCE (CLIP)"}

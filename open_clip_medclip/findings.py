@@ -32,29 +32,3 @@ CHEXPERT_COMPETITION_FINDINGS: tuple[str, ...] = (
     "Edema",
     "Pleural Effusion",
 )
-
-# Transitional: value helpers that lived here before `labels.py` owned the coding. Importing them from here
-# still works (lazily, so importing this module stays free of numpy) until every caller imports `labels`.
-_MOVED = {
-    "POSITIVE": "POSITIVE", "NEGATIVE": "NEGATIVE", "UNCERTAIN": "UNCERTAIN", "BLANK": "BLANK",
-    "VALID_VALUES": "VALID_VALUES", "UNCERTAINTY_POLICIES": "TRAINING_POLICIES", "empty_labels": "empty_values",
-    "validate_labels": "validate_values", "labels_from_names": "values_from_names",
-    "positive_findings": "positive_findings",
-}
-
-
-def _apply_uncertainty_policy(values, policy: str = "zeros") -> list[float]:
-    from open_clip_medclip import labels
-
-    return [float(x) for x in labels.apply_policy(values, labels.check_policy_name(policy,
-                                                                                   labels.TRAINING_POLICIES))]
-
-
-def __getattr__(name: str):
-    if name == "apply_uncertainty_policy":
-        return _apply_uncertainty_policy
-    if name in _MOVED:
-        from open_clip_medclip import labels
-
-        return getattr(labels, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

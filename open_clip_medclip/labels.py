@@ -287,17 +287,23 @@ def pack_batch(tokens: torch.Tensor, image_targets: torch.Tensor | np.ndarray,
     return packed[0] if single else packed
 
 
-def is_packed(texts: torch.Tensor) -> bool:
-    """Whether `texts` is a batch made by `pack_batch` (checks the marker column only)."""
+def _packed_count(texts: torch.Tensor) -> int | None:
+    """The label count L of a `pack_batch` tensor, or None when `texts` is not one. One host sync (min and max
+    of the marker column read together), so a GPU step pays a single round trip for it."""
     import torch
 
     if texts.ndim != 2 or texts.shape[0] == 0 or texts.shape[1] < 2 or texts.dtype != torch.long:
-        return False
+        return None
     marker = texts[:, -1]
-    first = int(marker[0])
-    if first > MARKER_BASE or texts.shape[1] < 1 + 2 * (MARKER_BASE - first):
-        return False
-    return bool((marker == first).all())
+    low, high = torch.stack([marker.min(), marker.max()]).tolist()
+    if low != high or low > MARKER_BASE or texts.shape[1] < 1 + 2 * (MARKER_BASE - low):
+        return None
+    return MARKER_BASE - low
+
+
+def is_packed(texts: torch.Tensor) -> bool:
+    """Whether `texts` is a batch made by `pack_batch` (checks the marker column only)."""
+    return _packed_count(texts) is not None
 
 
 def unpack_batch(texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -307,13 +313,13 @@ def unpack_batch(texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     """
     import torch
 
-    if not is_packed(texts):
+    count = _packed_count(texts)
+    if count is None:
         return texts, None, None
-    count = MARKER_BASE - int(texts[0, -1])
     width = texts.shape[1] - 1 - 2 * count
     codes = texts[:, width:-1]
-    targets = codes.float()
-    if bool((codes == BLANK_CODE).any()):
-        targets = torch.where(codes == BLANK_CODE, torch.full_like(targets, float("nan")), targets)
+    # no `.any()` test before the where: that would be a second host sync per step
+    targets = torch.where(codes == BLANK_CODE, torch.full_like(codes, 0, dtype=torch.float32).fill_(float("nan")),
+                          codes.float())
     return texts[:, :width], targets[:, :count], targets[:, count:]
 

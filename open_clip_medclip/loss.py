@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss, gather_features
+from open_clip import ClipLoss
 
 try:
     import torch.distributed as dist
@@ -107,50 +107,45 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _distinct_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distinct rows, group of each row). Label targets (-1/0/1) go through one int64 key per row (a 1-D unique)."""
-    codes = labels + 1
-    width = labels.shape[1]
-    if width <= 39 and bool(((codes == codes.round()) & (codes >= 0) & (codes <= 2)).all()):  # 3**39 < 2**63
-        powers = 3 ** torch.arange(width, device=labels.device, dtype=torch.long)
-        keys, group = torch.unique((codes.long() * powers).sum(1), return_inverse=True)
-        rows = (keys[:, None] // powers % 3).to(labels.dtype) - 1
-        return rows, group
-    rows, group = torch.unique(labels, dim=0, return_inverse=True)
-    return rows, group
-
-
 class _GroupedTargets:
     """Soft targets of one batch without a B×B matrix, from its distinct label rows.
 
     Target row i is `softmax_j(S[i, j])` with `S[i, j] = sim(image_labels[i], text_labels[j])`. Rows with equal
     image labels have equal targets, and columns with equal text labels get equal weight, so every target is
-    `Q[group(i), group(j)]` with `Q = exp(S_u - logsumexp(S_u + log counts))` on the U distinct label rows.
-    The soft loss only needs `sum_j T[i, j] * x_j` (x = the other side's features): `(Q @ group_sums(x))[group(i)]`,
-    U × U × D work instead of B × B passes. One group table serves both sides (U distinct rows among all labels).
+    `W[group(i), group(j)]` with `W = softmax(S_u + log counts) / counts` on the U_i × U_t distinct label rows.
+    The soft loss only needs `sum_ij T[i, j] * image_i·text_j = sum_ab W[a, b] * image_sums_a·text_sums_b` (feature
+    sums per label group): U_i × U_t × D work and a few B×D passes instead of B×B ones.
     """
 
     def __init__(self, all_image_labels: torch.Tensor, all_text_labels: torch.Tensor) -> None:
-        count = len(all_image_labels)
-        self.rows, group = _distinct_rows(torch.cat([all_image_labels, all_text_labels]))
-        self.image_group, self.text_group = group[:count], group[count:]
-        self.image_log_counts = self._group_sums(all_image_labels.new_ones(count, 1), self.image_group)[:, 0].log()
-        self.text_log_counts = self._group_sums(
-            all_text_labels.new_ones(len(all_text_labels), 1), self.text_group)[:, 0].log()
-        self.similarity: torch.Tensor | None = None  # set by the loss: sim(rows, rows) / temperature, symmetric
+        self.image_rows, self.image_group, image_counts = torch.unique(
+            all_image_labels, dim=0, return_inverse=True, return_counts=True)
+        self.text_rows, self.text_group, text_counts = torch.unique(
+            all_text_labels, dim=0, return_inverse=True, return_counts=True)
+        self.image_counts = image_counts.to(all_image_labels.dtype)
+        self.text_counts = text_counts.to(all_text_labels.dtype)
+        self.similarity: torch.Tensor | None = None  # set by the loss: sim(image_rows, text_rows) / temperature
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    @property
+    def size(self) -> int:
+        return len(self.image_rows) * len(self.text_rows)
 
-    def _group_sums(self, values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        # index_put with accumulate: deterministic on CUDA, unlike index_add
-        return values.new_zeros(len(self.rows), values.shape[1]).index_put((group,), values, accumulate=True)
+    @staticmethod
+    def _weights(similarity: torch.Tensor, column_counts: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(similarity + column_counts.log()[None, :], dim=1) / column_counts[None, :]
 
-    def expected(self, column_log_counts: torch.Tensor, column_features: torch.Tensor,
-                 column_group: torch.Tensor) -> torch.Tensor:
-        """Per label group a: sum over columns j of target[a, j] * column_features[j] (target rows sum to 1)."""
-        log_q = self.similarity - torch.logsumexp(self.similarity + column_log_counts[None, :], dim=1, keepdim=True)
-        return log_q.exp() @ self._group_sums(column_features, column_group)
+    def to_text(self) -> torch.Tensor:
+        """U_i × U_t: the image→text target of one text in group b for an image in group a."""
+        return self._weights(self.similarity, self.text_counts)
+
+    def to_image(self) -> torch.Tensor:
+        """U_t × U_i: the text→image target of one image in group a for a text in group b."""
+        return self._weights(self.similarity.T, self.image_counts)
+
+    @staticmethod
+    def sums(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+        """Per label group, the sum of `values`' rows in it (index_put with accumulate: deterministic on CUDA)."""
+        return values.new_zeros(groups, values.shape[1]).index_put((group,), values, accumulate=True)
 
 
 def _all_gather_nograd(tensor: torch.Tensor, world_size: int, use_horovod: bool) -> torch.Tensor:
@@ -230,6 +225,9 @@ class SemanticMatchingLoss(ClipLoss):
         """
         if self.world_size == 1:
             return image_features, text_features, image_features, text_features, 0
+        # through the host glue (checked at import); imported here because it loads open_clip_train's data module
+        from open_clip_medclip.plugins.openclip_data import gather_features
+
         local = self.local_loss and not full
         all_image, all_text = gather_features(
             image_features, text_features, local_loss=local, gather_with_grad=self.gather_with_grad,
@@ -262,9 +260,9 @@ class SemanticMatchingLoss(ClipLoss):
         if self.targets == "dense":
             return None
         groups = _GroupedTargets(all_image_labels, all_text_labels)
-        if self.targets == "auto" and len(groups) ** 2 > GROUPED_MAX_FRACTION * rows * len(all_text_labels):
+        if self.targets == "auto" and groups.size > GROUPED_MAX_FRACTION * rows * len(all_text_labels):
             return None
-        groups.similarity = self._similarity(groups.rows, groups.rows)
+        groups.similarity = self._similarity(groups.image_rows, groups.text_rows)
         return groups
 
     def forward(
@@ -342,15 +340,21 @@ class SemanticMatchingLoss(ClipLoss):
         """(1/2n) sum over both directions and the n rows of (x_own - sum_j T_ij x_ij), x = scale * features·features.
 
         Without `diagonal` only the `- sum_j T_ij x_ij` part (the square kernel has no InfoNCE term to correct).
+        Everything goes through per-group feature sums: a handful of B×D passes and U×U×D matmuls.
         """
         n = row_image.shape[0]
-        rows = slice(offset, offset + n)
-        expected_text = groups.expected(groups.text_log_counts, all_text, groups.text_group)
-        expected_image = groups.expected(groups.image_log_counts, all_image, groups.image_group)
-        total = -(_dot(row_image, expected_text[groups.image_group[rows]])
-                  + _dot(row_text, expected_image[groups.text_group[rows]]))
-        if diagonal:
-            total = total + _dot(row_image, all_text[rows]) + _dot(row_text, all_image[rows])
+        image_groups, text_groups = len(groups.image_rows), len(groups.text_rows)
+        text_sums = groups.sums(all_text, groups.text_group, text_groups)
+        image_sums = groups.sums(all_image, groups.image_group, image_groups)
+        if row_image is all_image and row_text is all_text:  # one process, or every rank's rows: both sides at once
+            target = _dot(image_sums, (groups.to_text() + groups.to_image().T) @ text_sums)
+            own = 2 * _dot(row_image, row_text) if diagonal else None
+        else:  # local loss: this rank's rows against every rank's columns
+            rows = slice(offset, offset + n)
+            target = (_dot(groups.sums(row_image, groups.image_group[rows], image_groups), groups.to_text() @ text_sums)
+                      + _dot(groups.sums(row_text, groups.text_group[rows], text_groups), groups.to_image() @ image_sums))
+            own = _dot(row_image, all_text[rows]) + _dot(row_text, all_image[rows]) if diagonal else None
+        total = -target if own is None else own - target
         return logit_scale * total / (2 * n)
 
 

@@ -16,6 +16,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+from open_clip_medclip.shards.images import to_grayscale_8bit  # the one 16-bit -> 8-bit rule
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CONFIG_DIR = PACKAGE_DIR / "model_configs"
 BUNDLED_TOWER_DIR = PACKAGE_DIR / "tokenizers"
@@ -180,20 +182,6 @@ def pad_to_square(image: Image.Image, min_size: int = 0) -> Image.Image:
     canvas = Image.new("L", (side, side), 0)
     canvas.paste(image, (int((side - w) / 2), int((side - h) / 2)))
     return canvas
-
-
-def to_grayscale_8bit(image: Image.Image) -> Image.Image:
-    """Grayscale 'L'; 16-bit and float inputs are rescaled to 0..255 instead of clipped as PIL would."""
-    if image.mode == "L":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scaled = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
-        return Image.fromarray(np.round(scaled).astype("uint8"), mode="L")
-    return image.convert("L")
 
 
 def medclip_image_transform(image_size: int = 224) -> transforms.Compose:

@@ -8,7 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+from open_clip_medclip.sources import SAMPLE_DATA_DIR as SAMPLE_DIR
+
 DEFAULT_IMAGES = (
     "nih_cxr14/images/00000061_015.jpg",
     "kermany_pediatric/images/normal/IM-0115-0001.jpg",

@@ -27,6 +27,7 @@ to the raw codes, after checking it against the build's recorded policy.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import random
 from collections import Counter
@@ -659,13 +660,15 @@ class SeededShuffle:
 
 
 class ToTrainingSample:
-    """(image tensor, text, image targets, text targets); tokenization waits for the whole batch."""
+    """(image tensor, text, image targets, text targets); tokenization waits for the whole batch (or was done by
+    `BucketByLength`, which leaves the sample's token row in place of its text)."""
 
     def __init__(self, preprocess_image: Callable) -> None:
         self.preprocess_image = preprocess_image
 
     def __call__(self, sample: dict) -> tuple:
-        return (self.preprocess_image(sample["image"]), sample["text"],
+        text = sample["tokens"] if "tokens" in sample else sample["text"]
+        return (self.preprocess_image(sample["image"]), text,
                 torch.from_numpy(np.asarray(sample["image_labels"], dtype=np.float32)),
                 torch.from_numpy(np.asarray(sample["text_labels"], dtype=np.float32)))
 
@@ -711,16 +714,100 @@ def text_multiple_for(args) -> int:
     return 1 if text_cfg.get("hf_pooler_type") == "medclip_pooler" else 8
 
 
+def text_bucket_for(args) -> int:
+    """`--medclip-text-bucket N`: batches per length-sorted pool (0, the default: no bucketing)."""
+    value = getattr(args, "medclip_text_bucket", None)
+    value = int(value or 0)
+    if value < 0:
+        raise UserError(f"--medclip-text-bucket must be >= 0, got {value}")
+    return value
+
+
 def tokenizer_pad_id(tokenizer) -> int:
     inner = getattr(tokenizer, "tokenizer", None)
     pad = getattr(inner, "pad_token_id", None)
     return int(pad) if isinstance(pad, int) else 0
 
 
+def token_lengths(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Per row: the index of its last non-padding token + 1 (the width `trim_tokens` would keep for it alone)."""
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    return (tokens.ne(pad_id) * positions).amax(dim=1)
+
+
+class BucketByLength:
+    """`--medclip-text-bucket N` (issue 15): length bucketing of the training stream, off by default.
+
+    Takes `pool` batches' worth of paired samples at a time, tokenizes their texts in one call (the rows travel on
+    as the samples' `tokens`, so `PackBatch` does not tokenize again), sorts them by token length (stable: equal
+    lengths keep the shuffle buffer's random order), cuts the sorted pool into runs of `batch_size` and yields the
+    runs in an order shuffled by an RNG seeded per (seed, rank, worker, epoch). `wds.batched` downstream cuts
+    exactly these runs, so each batch holds texts of similar length and its trimmed width shrinks.
+
+    Nothing is added or dropped: the samples of an epoch and its number of batches are those without bucketing.
+    `worker_batches` (the worker's batches per epoch, from `with_epoch`) is a quota of full batches carried across
+    the passes `with_epoch` repeats within an epoch, so no pool reaches into samples the epoch would not have used:
+    the last pool of an epoch (or of a pass that runs dry) is partial, and its trailing `len % batch_size` samples,
+    in stream order (what `batched(partial=False)` drops), stay out of the sort and come last. Bucketing changes
+    which negatives share a batch: sentences of similar length.
+    """
+
+    def __init__(self, tokenizer: Callable, pool: int, batch_size: int, seed: int = 0, rank: int = 0, epoch=None,
+                 worker_batches: int | None = None, pad_id: int | None = None) -> None:
+        if pool < 1 or batch_size < 1:
+            raise ValueError(f"bucketing needs pool >= 1 and batch_size >= 1, got {pool}, {batch_size}")
+        self.tokenizer = tokenizer
+        self.pool, self.batch_size = pool, batch_size
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self.worker_batches = worker_batches or None
+        self.pad_id = tokenizer_pad_id(tokenizer) if pad_id is None else pad_id
+        self._left: int | None = None  # full batches still owed this epoch (None: no quota)
+        self._left_epoch = None
+
+    def runs(self, samples: list[dict], rng: random.Random) -> list[list[dict]]:
+        """The pool's samples (tokens added) as runs of similar length, in shuffled order; a partial run last."""
+        tokens = self.tokenizer([s["text"] for s in samples]).long()
+        for sample, row in zip(samples, tokens):
+            sample["tokens"] = row
+        full = len(samples) - len(samples) % self.batch_size
+        order = sorted(range(full), key=token_lengths(tokens[:full], self.pad_id).tolist().__getitem__)
+        runs = [[samples[i] for i in order[start:start + self.batch_size]] for start in range(0, full, self.batch_size)]
+        rng.shuffle(runs)
+        if full < len(samples):
+            runs.append(samples[full:])
+        return runs
+
+    def _quota(self) -> int | None:
+        """Batches left in this epoch: a fresh quota at a new epoch or once the last one was used up; what is
+        left of it when `with_epoch` starts another pass because the previous one ran dry."""
+        if not self.worker_batches:
+            return None
+        epoch = self.epoch.get_value() if hasattr(self.epoch, "get_value") else self.epoch
+        if epoch != self._left_epoch or not self._left:
+            self._left, self._left_epoch = self.worker_batches, epoch
+        return self._left
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        rng = epoch_rng("text-bucket", self.seed, self.rank, self.epoch)
+        source = iter(source)
+        while True:
+            left = self._quota()
+            take = self.pool if left is None else min(self.pool, left)
+            samples = list(itertools.islice(source, take * self.batch_size))
+            if left is not None:
+                self._left = left - len(samples) // self.batch_size
+            if samples:
+                for run in self.runs(samples, rng):
+                    yield from run
+            if len(samples) < take * self.batch_size or self._left == 0:
+                return
+
+
 class PackBatch:
     """Tokenize a batch's texts in one call, trim the padding columns, pack the labels: `(images, packed texts)`.
 
-    One tokenizer call per batch is about 3x cheaper per text than one per sample.
+    One tokenizer call per batch is about 3x cheaper per text than one per sample. Texts that arrive as a token
+    tensor (tokenized by `BucketByLength`) are only trimmed.
     """
 
     def __init__(self, tokenizer: Callable, multiple: int = 8, pad_id: int | None = None) -> None:
@@ -730,7 +817,8 @@ class PackBatch:
 
     def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts, image_targets, text_targets = batch
-        tokens = trim_tokens(self.tokenizer(list(texts)).long(), self.multiple, self.pad_id)
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenizer(list(texts))
+        tokens = trim_tokens(tokens.long(), self.multiple, self.pad_id)
         return images, label_contract.pack_batch(tokens, image_targets, text_targets)
 
 
@@ -770,9 +858,15 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
         raise UserError("--train-data-upsampling-factors needs --dataset-resampled (as in open_clip_train)")
     rank = getattr(args, "rank", 0)
     multiple = text_multiple_for(args)
-    log.info("medclip streams (%s): %s; text columns %s", "train" if is_train else "val", plan.summary(),
+    bucket = text_bucket_for(args) if is_train else 0
+    if bucket and not multiple:
+        log.warning("--medclip-text-bucket %d has no effect: text columns are not trimmed (--medclip-text-multiple "
+                    "0, or OpenCLIP's own text tower); batches are not bucketed", bucket)
+        bucket = 0
+    log.info("medclip streams (%s): %s; text columns %s%s", "train" if is_train else "val", plan.summary(),
              {0: "not trimmed (tokenizer context)", 1: "trimmed to the batch's longest text"}.get(
-                 multiple, f"trimmed to the batch's longest text rounded up to a multiple of {multiple}"))
+                 multiple, f"trimmed to the batch's longest text rounded up to a multiple of {multiple}"),
+             f"; batches bucketed by text length in pools of {bucket} batches" if bucket else "")
 
     def build_stages(shared_epoch, worker_batches, shuffle):
         stats = StreamStats(plan.expected, rank)
@@ -782,6 +876,11 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
         tail = [
             CheckedSamples(stats, plan.policies, plan.checksums, plan.longer_sides),
             PairTexts(plan.bank, policy=plan.policy, seed=args.seed, rank=rank, epoch=shared_epoch),
+        ]
+        if bucket:
+            tail.append(BucketByLength(tokenizer, bucket, args.batch_size, seed=args.seed, rank=rank,
+                                       epoch=shared_epoch, worker_batches=worker_batches))
+        tail += [
             wds.map(ToTrainingSample(preprocess_img)),
             wds.batched(args.batch_size, partial=not is_train),
             wds.map(PackBatch(tokenizer, multiple)),

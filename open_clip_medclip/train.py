@@ -94,6 +94,16 @@ def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "width; auto: from the model's text tower)",
     )
     group.add_argument(
+        "--medclip-text-bucket",
+        type=int,
+        default=0,
+        metavar="N",
+        help="length bucketing (training stream, default 0: off): sort N batches' worth of samples by text length, "
+        "cut them into batches, shuffle the batch order; batches get narrower (less text-tower work) but each "
+        "batch's negatives are sentences of similar length. The epoch's samples and batch count do not change; "
+        "each dataloader worker holds N x batch size decoded samples",
+    )
+    group.add_argument(
         "--medclip-augment",
         choices=("medclip", "openclip"),
         default="medclip",

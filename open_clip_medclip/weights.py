@@ -2,7 +2,7 @@
 
 The authors' files are `MedCLIPModel.state_dict()` saved by transformers-4.24-era code: HF `SwinModel` or
 torchvision ResNet-50 image towers, HF `BertModel` text tower, bias-free projection heads, a `logit_scale` that the
-reference clamps to [0, ln 100] before every use (medclip_reference.md §6).
+reference clamps to [0, ln 100] before every use (MedCLIP 0.0.3 `medclip/modeling_medclip.py`, `compute_logits`).
 """
 from __future__ import annotations
 

@@ -161,7 +161,10 @@ def _create_model(model_name, *args, **kwargs):
                     "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
                     name, models.TEXT_WEIGHTS_ENV,
                 )
-    return _ORIGINAL.create_model(model_name, *args, **kwargs)
+    model = _ORIGINAL.create_model(model_name, *args, **kwargs)
+    if is_medclip_model(model):
+        models.enable_fused_attention(model)  # Swin WindowAttention: timm leaves it unfused ("experimental")
+    return model
 
 
 def _load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device="cpu"):

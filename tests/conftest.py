@@ -48,7 +48,7 @@ def medclip_reference():
     if path is None:
         message = ("reference environment not found: set MEDCLIP_REFERENCE_PATH to a dir made with "
                    "'pip install --target DIR --no-deps medclip==0.0.3 transformers==4.24.0 tokenizers==0.13.3 "
-                   "huggingface-hub==0.36.2 nltk' (see .ci/run)")
+                   "huggingface-hub==0.36.2 nltk' (see tests/run.sh)")
         if os.environ.get("MEDCLIP_REQUIRE_REFERENCE") == "1":
             pytest.fail(message)
         pytest.skip(message)

@@ -19,7 +19,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,demo]"
 REF_DIR=${MEDCLIP_REFERENCE_PATH:-$PWD/.ci/ref}
 if [ ! -d "$REF_DIR/medclip" ]; then
   python -m pip install -q --target "$REF_DIR" --no-deps \

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval.prompts import prompts_hash
 from open_clip_medclip.eval.suite_definitions import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
-    SAMPLE_DATA_DIR,
     SPLITS,
     SUITE_FILE,
     SuiteError,
@@ -29,59 +29,15 @@ from open_clip_medclip.eval.suite_definitions import (
 )
 from open_clip_medclip.eval.suite_export import write_wds
 from open_clip_medclip.eval.suite_recipes import Candidate, select_split
-from open_clip_medclip.findings import FINDING_INDEX, apply_uncertainty_policy
-from open_clip_medclip.sources.records import Record, Reject, read_csv, resolve_image
-
-
-def _first_existing(raw: Path, names: Sequence[str], what: str) -> Path:
-    if raw.is_file():
-        return raw
-    for name in names:
-        if (raw / name).is_file():
-            return raw / name
-        found = sorted(raw.rglob(name))
-        if found:
-            return found[0]
-    raise SuiteError(f"{raw}: no {what} found (looked for {', '.join(names)})")
-
-
-def _kermany_records(raw: Path, source: Mapping) -> Iterator[Record | Reject]:
-    """Kermany pediatric: `labels.csv` (`image,label[,split]`) when present, else `<class>/` folders."""
-    labels_csv = raw / source.get("labels", "labels.csv") if raw.is_dir() else raw
-    if labels_csv.is_file():
-        _, rows = read_csv(labels_csv, required=("image", "label"))
-        for line, row in rows:
-            yield Record(id=row["image"].rsplit(".", 1)[0], source="kermany",
-                         image_path=resolve_image(labels_csv.parent, row["image"]),
-                         meta={"class": row["label"], "split": row.get("split") or None, "where": f"{labels_csv}:{line}"})
-        return
-    from open_clip_medclip.sources.class_folders import iter_class_folders
-
-    yield from iter_class_folders(raw, {"NORMAL": [], "PNEUMONIA": []}, "kermany")
-
-
-def _covid_records(raw: Path, source: Mapping) -> Iterator[Record | Reject]:
-    from open_clip_medclip.sources.class_folders import iter_class_folders
-
-    folders = source.get("folders", ["COVID", "Normal"])
-    yield from iter_class_folders(raw, {name: [] for name in folders}, "covid",
-                                  image_dir=lambda folder: folder / "images" if (folder / "images").is_dir() else folder)
-
-
-def _csv_records(raw: Path, source: Mapping) -> Iterator[Record | Reject]:
-    """The no-code format: `image,label[,split]` (or `labels` with `|`-separated names); paths relative to the CSV."""
-    header, rows = read_csv(raw)
-    label_column = "labels" if "labels" in header else "label"
-    if "image" not in header or label_column not in header:
-        raise SuiteError(f"{raw}: a suite CSV needs columns 'image' and 'label' (or 'labels'); header has {header}")
-    for line, row in rows:
-        yield Record(id=_safe_id(row["image"].rsplit(".", 1)[0]), source="csv",
-                     image_path=resolve_image(raw.parent, row["image"]),
-                     meta={"class": row[label_column], "split": row.get("split") or None, "where": f"{raw}:{line}"})
+from open_clip_medclip.findings import FINDING_INDEX
+from open_clip_medclip.labels import apply_policy
+from open_clip_medclip.sources import SAMPLE_DATA_DIR  # noqa: F401  (re-exported)
+from open_clip_medclip.sources.records import Record, Reject, SourceError
+from open_clip_medclip.sources.registry import get_source
 
 
 def iter_raw_records(definition: Mapping, raw: str | Path) -> Iterator[Record | Reject]:
-    """Records of the raw dataset named by the definition's `source.format`, read by the project's adapters."""
+    """Records of the raw dataset named by the definition's `source.format`: the `sources.registry` adapter."""
     source = definition["source"]
     fmt = source["format"]
     raw = Path(raw)
@@ -91,36 +47,14 @@ def iter_raw_records(definition: Mapping, raw: str | Path) -> Iterator[Record | 
         raw = SAMPLE_DATA_DIR / source["sample_data"]
     if not raw.exists():
         raise SuiteError(f"{raw}: raw dataset path does not exist")
-    if fmt == "chexpert":
-        from open_clip_medclip.sources.chexpert import iter_chexpert
-
-        csv_path = _first_existing(raw, [source.get("labels", "train.csv")], "CheXpert label CSV")
-        yield from iter_chexpert(csv_path, root=Path(source["image_root"]) if "image_root" in source else None)
-    elif fmt == "mimic":
-        from open_clip_medclip.sources.mimic import iter_mimic
-
-        labels = _first_existing(raw, [source.get("labels", "mimic-cxr-2.0.0-chexpert.csv")], "MIMIC label CSV")
-        metadata = _first_existing(raw, [source.get("metadata", "mimic-cxr-2.0.0-metadata.csv")], "MIMIC metadata CSV")
-        yield from iter_mimic(labels, metadata, root=raw if raw.is_dir() else raw.parent)
-    elif fmt == "nih_cxr14":
-        from open_clip_medclip.sources.nih import iter_nih
-
-        csv_path = _first_existing(raw, [source.get("labels", "labels.csv"), "Data_Entry_2017.csv"], "NIH label CSV")
-        yield from iter_nih(csv_path)
-    elif fmt == "rsna":
-        from open_clip_medclip.sources.rsna import iter_rsna
-
-        labels = _first_existing(raw, [source.get("labels", "stage_2_train_labels.csv")], "RSNA label CSV")
-        image_dir = labels.parent / source.get("images", "stage_2_train_images")
-        yield from iter_rsna(labels, image_dir if image_dir.is_dir() else labels.parent)
-    elif fmt == "kermany":
-        yield from _kermany_records(raw, source)
-    elif fmt == "covid":
-        yield from _covid_records(raw, source)
-    elif fmt == "csv":
-        yield from _csv_records(_first_existing(raw, ["suite.csv"], "suite CSV"), source)
-    else:
-        raise SuiteError(f"suite {definition['name']!r}: unknown source format {fmt!r}")
+    try:
+        adapter = get_source(fmt)
+    except UserError as exc:
+        raise SuiteError(f"suite {definition['name']!r}: {exc}") from None
+    try:
+        yield from adapter.suite_items(raw, source)
+    except SourceError as exc:
+        raise SuiteError(str(exc)) from None
 
 
 def _matches(rule: Mapping, labels: Sequence[float], meta: Mapping) -> bool:
@@ -158,7 +92,7 @@ def collect_candidates(definition: Mapping, raw: str | Path) -> tuple[list[Candi
             continue
         meta = item.meta or {}
         if rules:
-            labels = apply_uncertainty_policy(item.labels, policy) if item.labels else [0.0] * len(FINDING_INDEX)
+            labels = apply_policy(item.labels, policy).tolist() if item.labels else [0.0] * len(FINDING_INDEX)
             matched = [cls for cls in classes if _matches(rules[cls], labels, meta)]
             if len(matched) != 1:
                 continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,13 +15,13 @@ from open_clip_medclip.eval.prompts import (
     select_classes,
 )
 from open_clip_medclip.sources.records import read_csv_header
+from open_clip_medclip.sources.suite_csv import safe_id
 
 SUITES_ROOT_ENV = "MEDCLIP_SUITES_ROOT"
 MANIFEST_NAME = "manifest.csv"
 SUITE_FILE = "suite.json"
 MANIFEST_COLUMNS = ("id", "split", "label", "image", "sha256")
 SPLITS = ("test", "train")
-SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 
 
 class SuiteError(UserError, ValueError):
@@ -90,8 +89,6 @@ def suite_prompts(definition: Mapping, prompt_set: str | None = None, per_class:
 
 
 
-def _safe_id(text: str) -> str:
-    """An id usable as a file name and a WebDataset key (no dots, no slashes)."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+_safe_id = safe_id  # the suite CSV's id rule (`sources.suite_csv`), under its old name
 
 

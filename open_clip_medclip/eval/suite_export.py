@@ -3,29 +3,18 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from open_clip_medclip.eval.suite_definitions import SPLITS
+from open_clip_medclip.shards.format import write_tar
 
 WDS_SHARD_SIZE = 1000
 MIN_WDS_SHARDS = 4  # CLIP_benchmark's default --num_workers
 TEMPLATES_TXT = "zeroshot_classification_templates.txt"
 CUSTOM_TEMPLATES_JSON = "custom_templates.json"
-
-
-def _write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
-    """A reproducible tar (fixed mtime/owner), written to a temp name and renamed so it is never half-written."""
-    tmp = path.with_suffix(".tar.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
-            tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)
 
 
 def class_agnostic_templates(prompts: Mapping[str, Sequence[str]]) -> list[str] | None:
@@ -100,7 +89,7 @@ def write_wds(out: Path, name: str, classes: Sequence[str], rows: Sequence[dict]
                     members.append((f"{row['id']}.npy", buffer.getvalue()))
                 else:
                     members.append((f"{row['id']}.cls", str(index[names[0]]).encode()))
-            _write_tar(wds / split / f"{number}.tar", members)
+            write_tar(wds / split / f"{number}.tar", members)
         (wds / split / "nshards.txt").write_text(f"{len(shards)}\n", encoding="utf-8")
     return wds
 

@@ -43,7 +43,8 @@ def _sample(rng: np.random.RandomState, items: Sequence, n: int | None) -> list:
 
 def _recipe_medclip_5x200(cands: list[Candidate], classes: Sequence[str], recipe: Mapping,
                           rng: np.random.RandomState) -> tuple[list[Candidate], list[Candidate]]:
-    """MedCLIP's CheXpert/MIMIC-5x200 (reference §4.4): `per_class` per class, half of the pool to test."""
+    """MedCLIP's CheXpert/MIMIC-5x200 (as in the MedCLIP reference code): `per_class` per class, half of the pool
+    to test."""
     if recipe.get("frontal_only"):
         cands = [c for c in cands if c.frontal]
     groups = _by_class(cands, classes)
@@ -72,7 +73,8 @@ def _recipe_split_column(cands: list[Candidate], classes: Sequence[str], recipe:
 
 def _recipe_balanced(cands: list[Candidate], classes: Sequence[str], recipe: Mapping,
                      rng: np.random.RandomState) -> tuple[list[Candidate], list[Candidate]]:
-    """COVID / RSNA (reference §4.4): optional random hold-out, then all positives + as many negatives."""
+    """COVID / RSNA (as in the MedCLIP reference code): optional random hold-out, then all positives + as many
+    negatives."""
     positive, negative = recipe.get("positive_class", classes[-1]), recipe.get("negative_class", classes[0])
     holdout = recipe.get("holdout_fraction")
     if holdout:

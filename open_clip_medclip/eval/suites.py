@@ -1,7 +1,7 @@
 """Evaluation suites: the loader the harness uses, and the one import point for the suite modules.
 
 A suite definition (`eval_suites/<name>.json`, `suite_definitions`) names its classes, the rule that puts an image
-in a class, the split recipe and seed (`suite_recipes`), the prompt set and the metrics. `build_suite`
+in a class, the split recipe and seed (`suite_recipes`), the prompt set and the ensembling. `build_suite`
 (`suite_build`) reads the user's raw dataset through the `open_clip_medclip.sources` adapters, applies the recipe,
 copies the chosen images into the output folder and writes a manifest (ids + sha256, hashed itself) plus the
 CLIP_benchmark `wds` layout (`suite_export`). `load_suite` (here) opens a built folder, a definition-free CSV
@@ -29,7 +29,6 @@ from open_clip_medclip.eval.suite_build import (  # noqa: F401  (re-exported)
 from open_clip_medclip.eval.suite_definitions import (  # noqa: F401  (re-exported)
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
-    SAMPLE_DATA_DIR,
     SPLITS,
     SUITE_FILE,
     SUITES_ROOT_ENV,
@@ -51,7 +50,8 @@ from open_clip_medclip.eval.suite_export import (  # noqa: F401  (re-exported)
     write_wds,
 )
 from open_clip_medclip.eval.suite_recipes import RECIPES, Candidate, select_split  # noqa: F401  (re-exported)
-from open_clip_medclip.sources.records import read_csv, resolve_image
+from open_clip_medclip.sources import SAMPLE_DATA_DIR  # noqa: F401  (re-exported)
+from open_clip_medclip.sources.suite_csv import read_suite_csv
 
 
 @dataclass
@@ -111,19 +111,9 @@ class Suite:
 
 
 def _suite_from_csv(path: Path) -> tuple[list[SuiteEntry], str]:
-    header, rows = read_csv(path)
-    label_column = "labels" if "labels" in header else "label"
-    if "image" not in header or label_column not in header:
-        raise SuiteError(f"{path}: a suite CSV needs columns 'image' and 'label' (or 'labels'); header has {header}")
-    entries = []
-    for line, row in rows:
-        if not row.get("image") or not row.get(label_column):
-            raise SuiteError(f"{path}:{line}: empty image or {label_column}")
-        image = Path(resolve_image(path.parent, row["image"]))
-        split = (row.get("split") or "test").lower()
-        entries.append(SuiteEntry(id=row.get("id") or _safe_id(row["image"].rsplit(".", 1)[0]), image_path=image,
-                                  label=row[label_column], split=split, sha256=row.get("sha256") or None))
-    return entries, label_column
+    label_column, rows = read_suite_csv(path, error=SuiteError)
+    return [SuiteEntry(id=row.id, image_path=Path(row.image_path), label=row.label, split=row.split or "test",
+                       sha256=row.sha256) for row in rows], label_column
 
 
 def load_suite(suite: str | Path) -> Suite:

@@ -1,7 +1,7 @@
 """Zero-shot classification on a suite: per-class prompt ensembles, MedCLIP's and OpenCLIP's ensembling.
 
-Ensembling (reference §5.3): `logit` = MedCLIP's `PromptClassifier(ensemble=True)`, the mean over a class's
-prompts of scale x cos(image, prompt) = scale x image . mean(normalised prompt embeddings), *not*
+Ensembling (MedCLIP 0.0.3, `medclip/modeling_medclip.py`): `logit` = MedCLIP's `PromptClassifier(ensemble=True)`,
+the mean over a class's prompts of scale x cos(image, prompt) = scale x image . mean(normalised prompt embeddings), *not*
 re-normalised; `embed` = OpenCLIP / CLIP_benchmark, the mean embedding re-normalised; `max` = MedCLIP's
 default `ensemble=False`. Multi-label suites use CheXzero-style positive/negative prompt pairs: P(finding) =
 softmax over (scale x cos(image, "{finding}"), scale x cos(image, "no {finding}")).

@@ -18,15 +18,27 @@ Command line: `medclip label INPUT --out labels.csv` (see `knowledge/cli.py`).
 Nothing here imports spaCy (nor, through thinc, torch): the fast path uses the component classes directly, and
 `Labeler.nlp` builds the spaCy pipeline on first use (`knowledge/factories.py` registers the factories then).
 """
-from open_clip_medclip.knowledge.labeler import (
-    LABELER_NAME,
-    LABELER_VERSION,
-    Labeler,
-    ReportLabels,
-    SentenceLabels,
-)
-from open_clip_medclip.knowledge.readers import iter_reports
-from open_clip_medclip.knowledge.rules import DEFAULT_RULES_DIR, rules_hash
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    "LABELER_NAME": "labeler", "LABELER_VERSION": "labeler", "Labeler": "labeler", "ReportLabels": "labeler",
+    "SentenceLabels": "labeler", "iter_reports": "readers", "DEFAULT_RULES_DIR": "rules", "rules_hash": "rules",
+}
 
 __all__ = ["Labeler", "ReportLabels", "SentenceLabels", "iter_reports", "rules_hash", "LABELER_NAME",
            "LABELER_VERSION", "DEFAULT_RULES_DIR"]
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use (so `medclip label --help` imports none of the labeler)."""
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -35,9 +35,9 @@ from pathlib import Path
 
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
+from open_clip_medclip.parts import parse_part
 
 PROVENANCE_SUFFIX = ".provenance.json"
-VALUE_TEXT = {1.0: "1.0", 0.0: "0.0", -1.0: "-1.0", None: ""}
 # Label-count columns per finding; index = position in COUNT_KEYS.
 COUNT_KEYS = ("positive", "negative", "uncertain", "blank")
 _COUNT_INDEX = {1.0: 0, 0.0: 1, -1.0: 2, None: 3}
@@ -79,22 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_part(text: str | None) -> tuple[int, int] | None:
-    """'I/N' -> (I, N) with 1 <= I <= N; None -> None."""
-    if text is None:
-        return None
-    try:
-        index, total = (int(value) for value in text.split("/"))
-    except ValueError:
-        raise UserError(f"--part {text}: expected I/N, e.g. --part 2/8") from None
-    if total < 1 or not 1 <= index <= total:
-        raise UserError(f"--part {text}: I must be between 1 and N (N >= 1), e.g. --part 2/8")
-    return index, total
-
-
 def part_range(count: int, index: int, total: int) -> tuple[int, int]:
     """[start, stop) of part `index` (1-based) of `total` contiguous ranges over `count` items (sizes differ by at
-    most one)."""
+    most one). The labeller splits by position, not by id hash (`parts.part_of`, used by `medclip shards build`):
+    its output is an ordered CSV, and reports need not have ids."""
     return (index - 1) * count // total, index * count // total
 
 
@@ -145,6 +133,7 @@ def _run(args: argparse.Namespace, part: tuple[int, int] | None) -> int:
     from open_clip_medclip.knowledge.labeler import Labeler
     from open_clip_medclip.knowledge.readers import iter_reports
     from open_clip_medclip.knowledge.rules import RuleFileError
+    from open_clip_medclip.labels import CSV_TEXT, VALUE_MEANINGS
 
     input_path, out_path = Path(args.input), Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +195,7 @@ def _run(args: argparse.Namespace, part: tuple[int, int] | None) -> int:
         "reports": reports, "rows": rows, "elapsed_s": round(elapsed, 3),
         "duplicate_ids": duplicates.summary(),
         "label_counts": {name: dict(zip(COUNT_KEYS, values)) for name, values in zip(CHEXPERT_FINDINGS, counts)},
-        "value_coding": {"1.0": "positive", "0.0": "negative", "-1.0": "uncertain", "": "not mentioned"},
+        "value_coding": {CSV_TEXT[value]: meaning for value, meaning in VALUE_MEANINGS.items()},
     }
     provenance_path = out_path.with_name(out_path.name + PROVENANCE_SUFFIX)
     write_text(provenance_path, json.dumps(provenance, indent=2) + "\n")
@@ -272,13 +261,15 @@ class _ReportRows:
         self.with_id = with_id
 
     def __call__(self, labeler, chunk: list[tuple[int, str | None, str]]) -> tuple[str, list, int, int]:
+        from open_clip_medclip.labels import CSV_TEXT
+
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         counts = [[0] * len(COUNT_KEYS) for _ in range(NUM_FINDINGS)]
         for _, report_id, text in chunk:
             labels = labeler.label_report(text).labels
             prefix = [report_id if report_id is not None else ""] if self.with_id else []
-            writer.writerow(prefix + [text] + [VALUE_TEXT[value] for value in labels])
+            writer.writerow(prefix + [text] + [CSV_TEXT[value] for value in labels])
             _count(counts, labels)
         return buffer.getvalue(), counts, len(chunk), len(chunk)
 
@@ -287,6 +278,8 @@ class _SentenceRows(_ReportRows):
     """Worker-side formatting: one CSV row per labelled sentence (`report_index` is the input-wide index)."""
 
     def __call__(self, labeler, chunk: list[tuple[int, str | None, str]]) -> tuple[str, list, int, int]:
+        from open_clip_medclip.labels import CSV_TEXT
+
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         counts = [[0] * len(COUNT_KEYS) for _ in range(NUM_FINDINGS)]
@@ -295,7 +288,7 @@ class _SentenceRows(_ReportRows):
             prefix = [report_id if report_id is not None else ""] if self.with_id else []
             for number, sentence in enumerate(labeler.label_report(text).sentences):
                 writer.writerow(prefix + [index, number, sentence.text] +
-                                [VALUE_TEXT[value] for value in sentence.labels])
+                                [CSV_TEXT[value] for value in sentence.labels])
                 _count(counts, sentence.labels)
                 rows += 1
         return buffer.getvalue(), counts, len(chunk), rows

@@ -11,10 +11,11 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from open_clip_medclip.findings import FINDING_INDEX, POSITIVE, UNCERTAIN
+from open_clip_medclip.findings import FINDING_INDEX
 from open_clip_medclip.knowledge.rules import resolve_rules_dir
+from open_clip_medclip.labels import POSITIVE, UNCERTAIN
+from open_clip_medclip.sources import SAMPLE_DATA_DIR
 
-SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 IU_REPORTS_TGZ = SAMPLE_DATA_DIR / "iu_reports" / "NLMCXR_reports.tgz"
 IU_GOLD_DEV_CSV = SAMPLE_DATA_DIR / "iu_gold" / "labels_dev.csv"
 

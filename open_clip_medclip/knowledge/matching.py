@@ -11,20 +11,18 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS, POSITIVE, UNCERTAIN
+from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS
 from open_clip_medclip.knowledge.rules import OTHER_ABNORMALITY_INDEX, PhraseRule
+from open_clip_medclip.labels import NEGATIVE, POSITIVE, UNCERTAIN
 
 # Term kinds.
 MENTION, CUE, NEG_PRE, NEG_POST, UNC_PRE, UNC_POST, PSEUDO, TERMINATOR, IGNORE = range(9)
-KIND_NAMES = ("mention", "cue", "negation_pre", "negation_post", "uncertainty_pre", "uncertainty_post",
-              "pseudo_trigger", "terminator", "ignore")
 NEGATION, UNCERTAINTY = "negation", "uncertainty"
 
 NO_FINDING_INDEX = FINDING_INDEX["No Finding"]
 SUPPORT_DEVICES_INDEX = FINDING_INDEX["Support Devices"]
-NEGATIVE_VALUE = 0.0
 # Aggregation priority of a value: positive > uncertain > negative > blank.
-_RANK = {None: 0, NEGATIVE_VALUE: 1, UNCERTAIN: 2, POSITIVE: 3}
+_RANK = {None: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
 
 
 class Entry(NamedTuple):
@@ -274,7 +272,7 @@ def resolve_sentence(text: str, start: int, end: int, terms: Sequence[Term], sco
                 continue  # "the heart" alone says nothing; "heart size normal" does
         else:
             polarity = decide(found)
-        value = NEGATIVE_VALUE if polarity == NEGATION else UNCERTAIN if polarity == UNCERTAINTY else POSITIVE
+        value = NEGATIVE if polarity == NEGATION else UNCERTAIN if polarity == UNCERTAINTY else POSITIVE
         assertions.append(Assertion(term.start, term.end, entry.finding, value, entry.implies))
     return assertions
 
@@ -323,10 +321,10 @@ def sentence_vector(assertions: Sequence[Assertion]) -> tuple[list[float | None]
     other_abnormality = False
     for assertion in assertions:
         if assertion.finding == OTHER_ABNORMALITY_INDEX:
-            other_abnormality = other_abnormality or assertion.value != NEGATIVE_VALUE
+            other_abnormality = other_abnormality or assertion.value != NEGATIVE
             continue
         labels[assertion.finding] = combine(labels[assertion.finding], assertion.value)
-        if assertion.implies is not None and assertion.value != NEGATIVE_VALUE:
+        if assertion.implies is not None and assertion.value != NEGATIVE:
             implied, implied_value = assertion.implies
             labels[implied] = combine(labels[implied], implied_value)
     labels[NO_FINDING_INDEX] = no_finding_value(labels, other_abnormality)

@@ -28,37 +28,8 @@ from open_clip_medclip.parts import parse_part
 from open_clip_medclip.shards.builder import BuildError, BuildOptions, build_shards
 from open_clip_medclip.shards.format import DEFAULT_IMAGE_SIZE, IMAGE_FORMATS, KINDS
 from open_clip_medclip.shards.validate import validate_shards
-from open_clip_medclip.sources import (
-    SourceError,
-    iter_chexpert,
-    iter_covid,
-    iter_generic_csv,
-    iter_labelled_csv,
-    iter_mimic,
-    iter_nih,
-    iter_pediatric,
-    iter_report_texts,
-    iter_rsna,
-    parse_label_columns,
-)
-
-# source name → (what it reads, default kinds, flags it needs)
-SOURCES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "chexpert": ("CheXpert train.csv/valid.csv (--csv, --root = folder holding CheXpert-v1.0*)", ("image",),
-                 ("csv",)),
-    "mimic": ("MIMIC-CXR-JPG label table (--labels chexpert.csv|negbio.csv) + --metadata, images under --root, "
-              "optional --reports folder for paired samples", ("image",), ("labels", "metadata", "root")),
-    "nih": ("NIH Data_Entry_2017.csv or the bundled labels.csv (--csv; images under --root)", ("image",), ("csv",)),
-    "rsna": ("RSNA stage_2_train_labels.csv (--csv), DICOMs in --root, optional --class-info", ("image",),
-             ("csv", "root")),
-    "covid": ("COVID-19_Radiography_Dataset folders under --root", ("image",), ("root",)),
-    "pediatric": ("Kermany pediatric folders or labels.csv under --root", ("image",), ("root",)),
-    "generic-csv": ("any CSV: --image-column and/or --report-column, --label-columns or --class-column",
-                    ("image",), ("csv",)),
-    "iu-reports": ("reports (IU XML folder/.tgz, CSV, .txt folder) via knowledge.iter_reports (--reports)",
-                   ("text",), ("reports",)),
-    "labelled-csv": ("an already-labelled CSV (Reports + 14 finding columns; --csv)", ("text",), ("csv",)),
-}
+from open_clip_medclip.sources.records import SourceError
+from open_clip_medclip.sources.registry import ALIASES, SOURCES, get_source
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,10 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="write labelled shards",
-                                description="sources:\n" + "\n".join(f"  {name:<13} {text}" for name, (text, _, _)
-                                                                     in SOURCES.items()),
+                                description="sources:\n" + "\n".join(f"  {name:<13} {source.reads}" for name, source
+                                                                     in SOURCES.items())
+                                + "\n(deprecated aliases: " + ", ".join(f"{a} = {n}" for a, n in ALIASES.items()) + ")",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    build.add_argument("--source", required=True, choices=sorted(SOURCES))
+    build.add_argument("--source", required=True, metavar="SOURCE", help=f"one of: {', '.join(SOURCES)}")
     build.add_argument("--out", required=True, type=Path, help="output folder for the shards")
     build.add_argument("--csv", type=Path, help="the source's table")
     build.add_argument("--root", type=Path, help="image root folder (default: depends on the source)")
@@ -113,44 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _need(args: argparse.Namespace, *names: str) -> None:
-    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
-    if missing:
-        raise SourceError(f"--source {args.source} needs {', '.join(missing)}")
-
-
 def source_items(args: argparse.Namespace) -> Iterable:
-    """The adapter call for `--source` and its flags."""
-    source = args.source
-    name = args.source_name
-    if source == "chexpert":
-        _need(args, "csv")
-        return iter_chexpert(args.csv, args.root, source=name or "chexpert")
-    if source == "mimic":
-        _need(args, "labels", "metadata", "root")
-        return iter_mimic(args.labels, args.metadata, args.root, args.reports, source=name or "mimic")
-    if source == "nih":
-        _need(args, "csv")
-        return iter_nih(args.csv, args.root, source=name or "nih")
-    if source == "rsna":
-        _need(args, "csv", "root")
-        return iter_rsna(args.csv, args.root, args.class_info, source=name or "rsna")
-    if source == "covid":
-        _need(args, "root")
-        return iter_covid(args.root, source=name or "covid")
-    if source == "pediatric":
-        _need(args, "root")
-        return iter_pediatric(args.root, args.csv, source=name or "pediatric")
-    if source == "generic-csv":
-        _need(args, "csv")
-        columns = parse_label_columns(args.label_columns.split(",")) if args.label_columns else None
-        return iter_generic_csv(args.csv, args.image_column, columns, args.class_column, args.id_column,
-                                args.report_column, args.root, source=name or "csv")
-    if source == "iu-reports":
-        _need(args, "reports")
-        return iter_report_texts(args.reports, args.text_column, args.id_column, source=name or "iu")
-    _need(args, "csv")
-    return iter_labelled_csv(args.csv, args.text_column, args.id_column, source=name or "labelled")
+    """The registry adapter for `--source` (aliases resolve), called with the build flags."""
+    return get_source(args.source).items(args)
 
 
 def _select(items: Iterable, split: str | None, limit: int | None) -> Iterable:
@@ -169,7 +106,8 @@ def _needs_labeler(kinds: tuple[str, ...], source: str) -> bool:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    kinds = tuple(k.strip() for k in args.kind.split(",")) if args.kind else SOURCES[args.source][1]
+    args.source = get_source(args.source).name
+    kinds = tuple(k.strip() for k in args.kind.split(",")) if args.kind else SOURCES[args.source].default_kinds
     options = BuildOptions(kinds=kinds, image_size=args.image_size, image_format=args.image_format,
                            samples_per_shard=args.samples_per_shard, workers=args.workers,
                            uncertainty=args.uncertainty, prefix=args.prefix or args.source.replace("-", "_"),

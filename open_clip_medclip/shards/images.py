@@ -86,7 +86,7 @@ def load_grayscale(path: str | Path, reduce_to: int | None = None) -> Image.Imag
             if reduce_to and image.format == "JPEG":
                 image.draft("L", (reduce_to, reduce_to))
             image.load()
-            return _to_8bit_gray(image)
+            return to_grayscale_8bit(image)
     except UnidentifiedImageError:
         raise ImageRejected("corrupt_image", f"{path}: not an image Pillow can identify") from None
     except OSError as exc:
@@ -96,7 +96,9 @@ def load_grayscale(path: str | Path, reduce_to: int | None = None) -> Image.Imag
         raise ImageRejected("corrupt_image", f"{path}: {type(exc).__name__}: {exc}") from None
 
 
-def _to_8bit_gray(image: Image.Image) -> Image.Image:
+def to_grayscale_8bit(image: Image.Image) -> Image.Image:
+    """The one 16-bit -> 8-bit rule: grayscale 'L'; 16/32-bit integer and float images are rescaled from their own
+    min..max to 0..255 (`rescale_to_uint8`) instead of clipped as PIL would. Used by shards, suites and preprocessing."""
     if image.mode == "L":
         return image.copy()
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

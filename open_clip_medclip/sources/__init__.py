@@ -1,14 +1,19 @@
 """Image-label and report adapters: one small module per dataset family, each yielding uniform `Record`s
 (or a `Reject` with a reason code for a row that cannot be used).
 
-Labels stay coded as the dataset gives them (1 / 0 / -1 / None = blank, `findings.CHEXPERT_FINDINGS` order); the
-uncertainty policy is applied once, when shards are written. CSV reading (fields of any length, strict encoding
+Labels stay coded as the dataset gives them (1 / 0 / -1 / None = blank, `findings.CHEXPERT_FINDINGS` order; the
+coding is `labels.py`). Shards store these raw codes; the uncertainty policy is applied once, in the training
+stream. CSV reading (fields of any length, strict encoding
 that names the row) is `sources/csvio.py`. The names below are imported on first use, so importing one adapter
 (or `sources.csvio`) does not import the others.
 """
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+
+# The bundled sample data (small NIH / Kermany / IU / labeler sets): the one definition of its location.
+SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 
 _NAMES = {
     "iter_chexpert": "chexpert",
@@ -22,9 +27,11 @@ _NAMES = {
     "SourceItem": "records",
     "iter_rsna": "rsna", "rsna_labels": "rsna",
     "iter_labelled_csv": "text", "iter_report_texts": "text",
+    "SOURCES": "registry", "get_source": "registry",
+    "iter_suite_csv": "suite_csv", "read_suite_csv": "suite_csv",
 }
 
-__all__ = sorted(_NAMES)
+__all__ = sorted([*_NAMES, "SAMPLE_DATA_DIR"])
 
 
 def __getattr__(name: str):

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from open_clip_medclip.findings import NEGATIVE, POSITIVE, labels_from_names
+from open_clip_medclip.findings import NUM_FINDINGS
+from open_clip_medclip.labels import NEGATIVE, POSITIVE, values_from_names
 from open_clip_medclip.sources.class_folders import iter_class_folders
 from open_clip_medclip.sources.records import SourceItem
 
@@ -19,13 +20,13 @@ SOURCE = "covid"
 
 
 def _abnormal(*findings: str) -> list[float | None]:
-    labels = labels_from_names(findings)
+    labels = values_from_names(findings)
     labels[0] = NEGATIVE  # No Finding
     return labels
 
 
 def _normal() -> list[float | None]:
-    labels = [NEGATIVE] * len(labels_from_names([]))
+    labels = [NEGATIVE] * NUM_FINDINGS
     labels[0] = POSITIVE
     return labels
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from open_clip_medclip.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NEGATIVE, NUM_FINDINGS, POSITIVE
+from open_clip_medclip.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
+from open_clip_medclip.labels import NEGATIVE, POSITIVE
 from open_clip_medclip.sources.records import (
     Record,
     SourceError,

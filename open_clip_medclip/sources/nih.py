@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from open_clip_medclip.findings import FINDING_INDEX, NEGATIVE, NUM_FINDINGS, POSITIVE, validate_labels
+from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS
+from open_clip_medclip.labels import NEGATIVE, POSITIVE, validate_values
 from open_clip_medclip.sources.records import (
     Record,
     SourceItem,
@@ -67,7 +68,7 @@ def nih_labels(nih_findings: Iterable[str]) -> tuple[list[float | None], list[st
     for name in names:
         if name in NIH_TO_CHEXPERT:
             labels[FINDING_INDEX[NIH_TO_CHEXPERT[name]]] = POSITIVE
-    return validate_labels(labels), [name for name in names if name in NIH_UNMAPPED]
+    return validate_values(labels), [name for name in names if name in NIH_UNMAPPED]
 
 
 def _find_image(root: Path, name: str, index: dict[str, Path]) -> str:

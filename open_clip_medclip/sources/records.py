@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS, validate_labels
+from open_clip_medclip.findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
+from open_clip_medclip.labels import parse_value_text, validate_values
 from open_clip_medclip.sources.csvio import DEFAULT_ENCODING, iter_csv_rows
 
 # Reason codes written to rejects.jsonl. Adapters use the row-level ones, the shard builder the rest.
@@ -119,39 +120,31 @@ def read_csv_header(path: str | Path) -> list[str]:
     return header
 
 
-def parse_label_value(text: str | float | None) -> float | None:
-    """Parse one coded label cell: '' -> None (blank); '1', '1.0', '0', '-1' -> float. Raises ValueError."""
-    if text is None:
-        return None
-    if isinstance(text, str):
-        text = text.strip()
-        if text == "":
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
-    else:
-        value = float(text)
-    if math.isnan(value):
-        raise ValueError("NaN is not a label value (leave the cell empty for 'not mentioned')")
+def parse_number(text: str | float | None) -> float | None:
+    """One numeric cell that is not a label (an RSNA box coordinate or Target): '' -> None; ValueError for text
+    that is not a number and for NaN."""
+    cell = "" if text is None else str(text).strip()
+    try:
+        value = float(cell) if cell else None
+    except ValueError:
+        raise ValueError(f"{cell!r} is not a number") from None
+    if value is not None and math.isnan(value):
+        raise ValueError("NaN is not a number here")
     return value
 
 
 def labels_from_columns(row: Mapping[str, str], columns: Mapping[str, str], where: str) -> list[float | None]:
     """Build a 14-vector from `columns` = {csv column: CheXpert finding}; findings not named stay blank.
 
-    Raises ValueError (message starts with `where`) for NaN, non-numeric or out-of-range values.
+    Raises `labels.LabelError` (a ValueError; message starts with `where`) for NaN, non-numeric or
+    out-of-range values.
     """
     labels: list[float | None] = [None] * NUM_FINDINGS
     for column, finding in columns.items():
-        try:
-            value = parse_label_value(row.get(column, ""))
-        except ValueError as exc:
-            raise ValueError(f"{where}: column {column!r}: {exc}") from None
+        value = parse_value_text(row.get(column, ""), f"{where}: column {column!r}")
         if value is not None:
             labels[FINDING_INDEX[finding]] = value
-    return validate_labels(labels, where=where)
+    return validate_values(labels, where=where)
 
 
 def chexpert_columns(header: Sequence[str]) -> dict[str, str]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from open_clip_medclip.findings import FINDING_INDEX, NEGATIVE, NUM_FINDINGS, POSITIVE
-from open_clip_medclip.sources.records import Record, SourceItem, parse_label_value, read_csv, row_reject
+from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS
+from open_clip_medclip.labels import NEGATIVE, POSITIVE
+from open_clip_medclip.sources.records import Record, SourceItem, parse_number, read_csv, row_reject
 
 SOURCE = "rsna"
 RSNA_NORMAL_CLASS = "Normal"
@@ -52,12 +53,12 @@ def iter_rsna(labels_csv: str | Path, root: str | Path, class_info_csv: str | Pa
             continue
         entry = patients.setdefault(patient, {"where": where, "targets": set(), "boxes": [], "error": None})
         try:
-            target = parse_label_value(row.get("Target", ""))
+            target = parse_number(row.get("Target", ""))
             if target not in (0.0, 1.0):
                 raise ValueError(f"Target {row.get('Target')!r} is not 0 or 1")
             entry["targets"].add(target)
             if target == 1.0:
-                entry["boxes"].append([parse_label_value(row.get(k, "")) for k in ("x", "y", "width", "height")])
+                entry["boxes"].append([parse_number(row.get(k, "")) for k in ("x", "y", "width", "height")])
         except ValueError as exc:
             entry["error"] = entry["error"] or f"{where}: {exc}"
     for patient, entry in patients.items():

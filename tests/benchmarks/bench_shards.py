@@ -28,9 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchresults import add_output_arguments, write_results  # noqa: E402
 
 from open_clip_medclip.shards import BuildOptions, build_shards  # noqa: E402
-from open_clip_medclip.sources import Record, iter_nih, iter_pediatric  # noqa: E402
+from open_clip_medclip.sources import (  # noqa: E402
+    SAMPLE_DATA_DIR,
+    Record,
+    iter_nih,
+    iter_pediatric,
+)
 
-SAMPLE = REPO / "open_clip_medclip" / "sample_data"
+SAMPLE = SAMPLE_DATA_DIR
 SHARED_DATA = REPO.parent / "shared" / "data"  # the repo-relative ../shared convention (tests/conftest.py too)
 
 

@@ -29,8 +29,9 @@ from open_clip_medclip.plugins import openclip_train
 from PIL import Image
 
 import open_clip_medclip  # noqa: F401  (registers the models)
+from open_clip_medclip.labels import pack_batch
 from open_clip_medclip.loss import SemanticMatchingLoss
-from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform, pack_labels
+from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform
 
 SAMPLE = Path(open_clip_medclip.__file__).resolve().parent / "sample_data"
 
@@ -57,7 +58,7 @@ def training_step_ratio(model_name: str, batch_size: int, steps: int) -> dict:
     tokens = tokenizer([f"the heart is enlarged , case {i} ." for i in range(batch_size)])
     g = torch.Generator().manual_seed(0)
     il, tl = torch.randint(2, (batch_size, 14), generator=g).float(), torch.randint(2, (batch_size, 14), generator=g).float()
-    texts = torch.stack([pack_labels(tokens[i], il[i], tl[i]) for i in range(batch_size)])
+    texts = pack_batch(tokens, il, tl)
     images = torch.randn(batch_size, 3, size, size, generator=g)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     losses = {"soft": SemanticMatchingLoss(), "clip": ClipLoss()}

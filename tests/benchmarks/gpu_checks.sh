@@ -45,8 +45,8 @@ run loss 60 python3 "$bench/bench_loss.py" --device cuda --repeats 20 --batch-si
     --machine "$gpu" --out "$out/bench_loss_gpu.json"
 run eager_b128 70 python3 "$step" --batch-size 128 --loss soft clip
 run eager_b256 75 python3 "$step" --batch-size 256 --loss soft clip
-run compiled_b128 140 python3 "$step" --batch-size 128 --loss soft clip --compile
-run compiled_b256 110 python3 "$step" --batch-size 256 --loss soft clip --compile
+run compiled_b128 150 python3 "$step" --batch-size 128 --loss soft clip --compile
+run compiled_b256 120 python3 "$step" --batch-size 256 --loss soft clip --compile
 run eager_b128_padded77 35 python3 "$step" --batch-size 128 --loss soft --text-width padded --steps 20
 
 python3 - "$jsonl" "$out/gpu_checks.json" "$gpu" "$bench" <<'EOF'

@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchresults import add_output_arguments, write_results  # noqa: E402
 
-SAMPLE = REPO / "open_clip_medclip" / "sample_data"
+from open_clip_medclip.sources import SAMPLE_DATA_DIR  # noqa: E402
+
+SAMPLE = SAMPLE_DATA_DIR
 
 
 def reference_dir(given: str | None) -> Path | None:

@@ -93,6 +93,6 @@ def test_scispacy_switches_fail_clearly_when_not_installed():
 
 
 def _positive(labeler, text):
-    from open_clip_medclip.findings import positive_findings
+    from open_clip_medclip.labels import positive_findings
 
     return positive_findings(labeler.label_report(text).labels)

@@ -92,7 +92,7 @@ def test_convert_to_local_dir_keeps_parity(reference_run, tmp_path):
 
     model_name, out, _, ref = reference_run
     info = describe_checkpoint(out / "pytorch_model.bin")
-    assert info.num_tensors == (434 if model_name == "medclip-swin" else 521)  # medclip_reference.md §6.2
+    assert info.num_tensors == (434 if model_name == "medclip-swin" else 521)  # tensors in the authors' Swin / ResNet-50 files
     local_dir = tmp_path / "local"
     assert medclip_main(["convert", str(out / "pytorch_model.bin"), "--out", str(local_dir)]) == 0  # model detected
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{local_dir}")

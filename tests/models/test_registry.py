@@ -113,3 +113,14 @@ def test_hub_text_weights_switch(monkeypatch):
     monkeypatch.setenv(models.TEXT_WEIGHTS_ENV, "typo")
     with pytest.raises(ValueError, match="bundled' or 'hub"):
         models.text_weights_mode()
+
+
+def test_medclip_swin_attention_runs_fused():
+    """create_model switches timm's Swin window attention to SDPA (timm leaves it unfused) for MedCLIP models only."""
+    from timm.layers import use_fused_attn
+
+    if not use_fused_attn():
+        pytest.skip("timm's fused attention is switched off in this environment (TIMM_FUSED_ATTN=0)")
+    model = open_clip.create_model("medclip-swin", pretrained_text=False)
+    flags = [module.fused_attn for module in model.visual.modules() if hasattr(module, "fused_attn")]
+    assert flags and all(flags)

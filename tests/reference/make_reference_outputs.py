@@ -29,7 +29,7 @@ vocab_file = os.path.join(tower_dir, "vocab.txt")
 
 
 def offline_tokenizer(*_args, **_kwargs):
-    # The hub repo has only vocab.txt, so transformers defaults to lower-casing (medclip_reference.md §1.5).
+    # The hub repo has only vocab.txt, so transformers defaults to lower-casing, as the reference does.
     return BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
 
 

@@ -9,6 +9,7 @@ from open_clip_medclip.findings import CHEXPERT_FINDINGS, FINDING_INDEX
 from open_clip_medclip.sources import (
     NIH_TO_CHEXPERT,
     NIH_UNMAPPED,
+    SAMPLE_DATA_DIR,
     Record,
     Reject,
     SourceError,
@@ -23,7 +24,7 @@ from open_clip_medclip.sources import (
     parse_label_columns,
 )
 
-SAMPLE = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sample_data"
+SAMPLE = SAMPLE_DATA_DIR
 # CheXpert's own column order (Lung Opacity before Lung Lesion), as in train.csv.
 CHEXPERT_CSV_ORDER = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                       "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",

@@ -1,14 +1,11 @@
 """Fixtures for the training tests: small medclip shards written once per session."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from shardkit import brace, write_shards  # noqa: E402
+from tests.train.shardkit import brace, write_shards
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from PIL import Image
 from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.labels import values_from_names
 from open_clip_medclip.shards.format import sample_key
+from open_clip_medclip.sources import SAMPLE_DATA_DIR
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sample_data"
+SAMPLE_DIR = SAMPLE_DATA_DIR
 NIH_TO_CHEXPERT = {
     "Atelectasis": "Atelectasis",
     "Cardiomegaly": "Cardiomegaly",

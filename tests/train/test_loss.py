@@ -220,8 +220,8 @@ def test_grouped_targets_equal_dense_targets_and_the_formula(kernel, similarity,
 
 def test_auto_targets_group_repeated_labels_and_fall_back_for_distinct_rows():
     loss_fn = SemanticMatchingLoss()
-    loss_fn(*_repeated_rows_case(13, 64)[:3], image_labels=_repeated_rows_case(13, 64)[3],
-            text_labels=_repeated_rows_case(13, 64)[4])
+    image, text, scale, il, tl = _repeated_rows_case(13, 64)
+    loss_fn(image, text, scale, image_labels=il, text_labels=tl)
     assert loss_fn.last_target_mode == "grouped"
     image, text, scale, il, tl = _case(14, 64)  # random 0/1 rows: nearly all distinct
     loss_fn(image, text, scale, image_labels=il, text_labels=tl)

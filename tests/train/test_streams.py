@@ -1,5 +1,6 @@
 """Label-aware streams: the lean bank's pairing rule, start-up from the shard index only, any URL, label policy,
-named skips and per-shard counts (fault injection), the splice into OpenCLIP's pipeline, text trimming."""
+named skips and per-shard counts (fault injection), the splice into OpenCLIP's pipeline, text trimming and length
+bucketing."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webdataset as wds
-from shardkit import SAMPLE_DIR, brace, cut_tar_before, member_names, rewrite_member, write_shards
 
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS
@@ -26,14 +26,18 @@ from open_clip_medclip.streams import (
     RULE_NO_FINDING,
     RULE_OWN_REPORT,
     RULE_SHARED_FINDING,
+    BucketByLength,
+    PackBatch,
     SentenceBank,
     get_medclip_wds_dataset,
     iter_pairs,
     plan_streams,
     shard_name,
+    text_bucket_for,
     text_multiple_for,
     trim_tokens,
 )
+from tests.train.shardkit import SAMPLE_DIR, brace, cut_tar_before, member_names, rewrite_member, write_shards
 
 NF = FINDING_INDEX["No Finding"]
 
@@ -534,6 +538,142 @@ def test_pack_batch_round_trip_through_the_stream_contract():
     tl = torch.tensor([[0.0] * 13 + [1.0], [1.0] * 14, [-1.0] * 14])
     out_tokens, out_il, out_tl = unpack_batch(pack_batch(tokens, il, tl))
     assert torch.equal(out_tokens, tokens) and torch.equal(out_il, il) and torch.equal(out_tl, tl)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Length bucketing (--medclip-text-bucket, issue 15)
+# ----------------------------------------------------------------------------------------------------------------
+def _word_tokenizer(texts):
+    """[CLS] one id per word [SEP], zero-padded to 77 (pad id 0, like OpenCLIP's tokenizer)."""
+    tokens = torch.zeros(len(texts), 77, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [101] + [1000 + len(word) for word in text.split()][:75] + [102]
+        tokens[row, :len(ids)] = torch.tensor(ids)
+    return tokens
+
+
+def _synthetic_samples(count: int, seed: int = 0) -> list[dict]:
+    """Paired samples with sentence lengths from 2 to 40 words (skewed short, like report sentences)."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(count):
+        words = min(40, 2 + int(rng.expovariate(1 / 8)))
+        labels = torch.zeros(NUM_FINDINGS)
+        labels[i % NUM_FINDINGS] = 1.0
+        samples.append({"__key__": f"s{i:04d}", "image": i, "text": " ".join(["w" * (1 + i % 5)] * words),
+                        "image_labels": labels, "text_labels": labels.roll(1)})
+    return samples
+
+
+def _bucketed_batches(samples: list[dict], pool: int, batch_size: int = 8, seed: int = 0, epoch: int = 0,
+                      worker_batches: int | None = None, multiple: int = 1) -> list[tuple[list[int], torch.Tensor]]:
+    """(image ids, packed texts) per batch from a pipeline shaped like the training tail: samples -> bucket (pool >
+    0) -> batched (no partial batches) -> PackBatch, with `with_epoch(worker_batches)` (repeated passes) if given."""
+    def to_sample(s):
+        return s["image"], s.get("tokens", s["text"]), s["image_labels"], s["text_labels"]
+
+    stages = [lambda: (dict(s) for s in samples)]
+    if pool:
+        stages.append(BucketByLength(_word_tokenizer, pool, batch_size, seed=seed, epoch=epoch,
+                                     worker_batches=worker_batches))
+    stages += [wds.map(to_sample), wds.batched(batch_size, partial=False), wds.map(PackBatch(_word_tokenizer,
+                                                                                             multiple))]
+    pipeline = wds.DataPipeline(*stages)
+    if worker_batches:
+        pipeline = pipeline.with_epoch(worker_batches)
+    return [(list(images), packed) for images, packed in pipeline]
+
+
+def _rows(batches) -> list[tuple]:
+    """(image id, tokens without padding, image labels, text labels) per sample, sorted: the epoch's multiset."""
+    rows = []
+    for images, packed in batches:
+        tokens, image_labels, text_labels = unpack_batch(packed)
+        for i, image in enumerate(images):
+            kept = tokens[i][tokens[i] != 0].tolist()
+            rows.append((int(image), tuple(kept), tuple(image_labels[i].tolist()), tuple(text_labels[i].tolist())))
+    return sorted(rows)
+
+
+def test_bucketing_narrows_batches_and_keeps_the_epochs_samples():
+    samples = _synthetic_samples(8 * 50 + 5)  # 50 full batches of 8 and 5 left over (dropped, as without bucketing)
+    plain = _bucketed_batches(samples, pool=0)
+    bucketed = _bucketed_batches(samples, pool=8)
+    assert len(plain) == len(bucketed) == 50
+    width = {name: sum(p.shape[1] for _, p in batches) / len(batches)
+             for name, batches in (("plain", plain), ("bucketed", bucketed))}
+    width_8 = sum(p.shape[1] for _, p in _bucketed_batches(samples, pool=8, multiple=8)) / 50
+    assert width["bucketed"] < 0.8 * width["plain"] and width_8 < width["plain"]
+    assert _rows(bucketed) == _rows(plain)  # same samples, each with its own tokens and labels
+    by_image = {s["image"]: s for s in samples}
+    for images, packed in bucketed:
+        tokens, image_labels, text_labels = unpack_batch(packed)
+        assert tokens.shape[1] == int((tokens != 0).sum(1).max())  # trimmed to the batch's longest (multiple 1)
+        for i, image in enumerate(images):
+            assert torch.equal(image_labels[i], by_image[int(image)]["image_labels"])
+            assert torch.equal(text_labels[i], by_image[int(image)]["text_labels"])
+            assert torch.equal(tokens[i], _word_tokenizer([by_image[int(image)]["text"]])[0, :tokens.shape[1]])
+
+
+def test_bucketing_is_seeded_and_shuffles_the_batch_order():
+    samples = _synthetic_samples(8 * 32)
+
+    def key(batches):
+        return [images for images, _ in batches]
+
+    first = _bucketed_batches(samples, pool=8, seed=1)
+    assert key(first) == key(_bucketed_batches(samples, pool=8, seed=1))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, _bucketed_batches(samples, pool=8, seed=1)))
+    assert key(first) != key(_bucketed_batches(samples, pool=8, seed=2))
+    assert key(first) != key(_bucketed_batches(samples, pool=8, seed=1, epoch=1))
+    widths = [p.shape[1] for _, p in first[:8]]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # not served short-to-long
+
+
+@pytest.mark.parametrize("count, worker_batches", [(8 * 40, 13), (8 * 5 + 3, 13)])
+def test_bucketing_keeps_the_epochs_samples_under_with_epoch(count, worker_batches):
+    """`with_epoch` cuts an epoch at the worker's batches, repeating passes over a short stream: the last pool is cut
+    at the epoch's end and a pass that runs dry continues the epoch's quota, giving the samples seen without
+    bucketing."""
+    samples = _synthetic_samples(count)
+    plain = _bucketed_batches(samples, pool=0, worker_batches=worker_batches)
+    bucketed = _bucketed_batches(samples, pool=4, worker_batches=worker_batches)
+    assert len(plain) == len(bucketed) == worker_batches and _rows(bucketed) == _rows(plain)
+    stage = BucketByLength(_word_tokenizer, 4, 8, worker_batches=worker_batches)
+    for _ in range(2):  # the next epoch (here: the same epoch value, iterated again) starts a fresh quota
+        again = wds.DataPipeline(lambda: (dict(s) for s in samples), stage).with_epoch(worker_batches * 8)
+        assert len(list(again)) == worker_batches * 8
+
+
+def test_text_bucket_flag():
+    assert text_bucket_for(SimpleNamespace()) == 0
+    assert text_bucket_for(SimpleNamespace(medclip_text_bucket=16)) == 16
+    with pytest.raises(UserError, match="text-bucket"):
+        text_bucket_for(SimpleNamespace(medclip_text_bucket=-1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bucketed_training_stream_keeps_batches_and_labels(small_shards, workers):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("medclip-tiny")
+
+    def epoch(bucket):
+        args = _args(small_shards["all"], medclip_text_multiple=1, medclip_text_bucket=bucket, workers=workers)
+        info = get_medclip_wds_dataset(args, _image, True, tokenizer=tokenizer)
+        batches = []
+        for images, texts in info.dataloader:
+            tokens, image_labels, text_labels = unpack_batch(texts)
+            assert image_labels.shape == text_labels.shape == (4, NUM_FINDINGS)
+            batches.append((images[:, 0, 0, 0].tolist(), texts))
+        return info.dataloader.num_batches, batches
+
+    plain_count, plain = epoch(0)
+    count, bucketed = epoch(3)
+    assert count == plain_count and len(bucketed) == len(plain) == 6
+    assert _rows(bucketed) == _rows(plain)  # same pairs, texts and labels; only the batch composition changed
+    assert epoch(3)[1][0][0] == bucketed[0][0]  # deterministic
+    assert sum(t.shape[1] for _, t in bucketed) <= sum(t.shape[1] for _, t in plain)
 
 
 def test_validation_stream_reads_every_image_once(small_shards):
