@@ -11,21 +11,22 @@ second, and the public names below (`MedclipPooler`, `MEDCLIP_MEAN`, ...) are im
 """
 from __future__ import annotations
 
-import importlib
-import importlib.abc
 import sys
+
+from open_clip_medclip.import_hook import AfterImport
+from open_clip_medclip.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
 _LAZY_NAMES = {
-    "CHEXPERT_FINDINGS": "open_clip_medclip.findings",
-    "NUM_FINDINGS": "open_clip_medclip.findings",
-    "MEDCLIP_MEAN": "open_clip_medclip.models",
-    "MEDCLIP_PREPROCESS_CFG": "open_clip_medclip.models",
-    "MEDCLIP_STD": "open_clip_medclip.models",
-    "MedclipMaskedPooler": "open_clip_medclip.models",
-    "MedclipPooler": "open_clip_medclip.models",
-    "medclip_image_transform": "open_clip_medclip.models",
+    "CHEXPERT_FINDINGS": "findings",
+    "NUM_FINDINGS": "findings",
+    "MEDCLIP_MEAN": "models",
+    "MEDCLIP_PREPROCESS_CFG": "models",
+    "MEDCLIP_STD": "models",
+    "MedclipMaskedPooler": "models",
+    "MedclipPooler": "models",
+    "medclip_image_transform": "models",
 }
 
 __all__ = [
@@ -49,60 +50,28 @@ def register() -> None:
     openclip_models.install()
 
 
-def __getattr__(name: str):
-    if name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    elif name == "MODEL_NAMES":
-        from open_clip_medclip import models
+_lazy_getattr, __dir__ = lazy_attributes(__name__, _LAZY_NAMES, __all__)
 
-        value = tuple(sorted(models.medclip_model_configs()))
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
+
+def __getattr__(name: str):
+    if name != "MODEL_NAMES":
+        return _lazy_getattr(name)
+    from open_clip_medclip import models
+
+    value = globals()[name] = tuple(sorted(models.medclip_model_configs()))
     return value
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _RegisterAfterOpenClip(importlib.abc.MetaPathFinder):
-    """One-shot meta-path hook: lets `open_clip` import as usual, then registers the MedCLIP models.
-
-    It asks the finders after it for `open_clip`'s spec and wraps that spec's loader, so registration runs
-    right after open_clip's module body; it removes itself once open_clip has been executed (a bare
-    `importlib.util.find_spec('open_clip')` leaves it in place).
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "open_clip":
-            return None
-        spec = None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            register()
-
-        spec.loader.exec_module = exec_then_register
-        return spec
+def _register_after(name, module) -> None:
+    register()
 
 
 def _install() -> None:
+    """Register now if `open_clip` is imported, else right after it is (`import_hook.AfterImport`, one-shot)."""
     if "open_clip" in sys.modules:
         register()
-    elif not any(isinstance(finder, _RegisterAfterOpenClip) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterOpenClip())
+    elif not any(isinstance(finder, AfterImport) and "open_clip" in finder.pending for finder in sys.meta_path):
+        AfterImport.install(["open_clip"], _register_after)
 
 
 _install()

@@ -16,64 +16,41 @@ that environment (and are skipped under `python -S`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import ModuleType
 
 AUTOLOAD_MODULE = "open_clip_medclip_autoload"
 AUTOLOAD_PTH = "open_clip_medclip_autoload.pth"
 WATCHED = ("open_clip", "open_clip_train.params")
 
-AUTOLOAD_SOURCE = '''"""open_clip_medclip autoload (written by `medclip train --install-autoload`; remove: --uninstall-autoload).
+# What the written module adds after the text of `import_hook.py` (the one post-import hook): its start-up
+# imports stay `importlib.abc` and `sys`, and the plugin is imported only once a watched module has run.
+_AUTOLOAD_TAIL = '''
 
-A top-level module so start-up imports nothing heavy: a meta-path finder waits for the imports in WATCHED and
-calls open_clip_medclip.autoload.after_import(name, module) right after each has run.
-"""
-import importlib.abc
-import sys
-
+# ---- open_clip_medclip autoload (written by `medclip train --install-autoload`; remove: --uninstall-autoload):
+# calls open_clip_medclip.autoload.after_import(name, module) right after each module in WATCHED has run.
 WATCHED = @WATCHED@
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    def __init__(self):
-        self.pending = set(WATCHED)
-
-    def find_spec(self, name, path=None, target=None):
-        if name not in self.pending:
-            return None
-        self.pending.discard(name)
-        if not self.pending and self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_hook(module):
-            exec_module(module)
-            try:
-                from open_clip_medclip.autoload import after_import
-            except Exception as exc:  # the plugin was uninstalled: never break plain open_clip
-                print(f"open_clip_medclip autoload: {exc!r}; remove {__file__} or reinstall open_clip_medclip",
-                      file=sys.stderr)
-                return
-            after_import(name, module)
-
-        spec.loader.exec_module = exec_then_hook
-        return spec
+def _call_plugin(name, module):
+    try:
+        from open_clip_medclip.autoload import after_import
+    except Exception as exc:  # the plugin was uninstalled: never break plain open_clip
+        print(f"open_clip_medclip autoload: {exc!r}; remove {__file__} or reinstall open_clip_medclip",
+              file=sys.stderr)
+        return
+    after_import(name, module)
 
 
-if not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path):
-    _finder = _AfterImport()
-    _finder.pending -= set(sys.modules)
-    if _finder.pending:
-        sys.meta_path.insert(0, _finder)
+if not any(type(f).__module__ == __name__ for f in sys.meta_path):
+    AfterImport.install(WATCHED, _call_plugin)
 '''.replace("@WATCHED@", repr(WATCHED))
+
+
+def autoload_source() -> str:
+    """The text of the autoload module: `import_hook.py` (stdlib only, self-contained) plus `_AUTOLOAD_TAIL`."""
+    hook = Path(__file__).with_name("import_hook.py").read_text(encoding="utf-8")
+    return hook.rstrip("\n") + "\n" + _AUTOLOAD_TAIL
 
 
 def after_import(name: str, module: ModuleType) -> None:
@@ -103,7 +80,7 @@ def install_autoload(site_dir: str | None = None) -> list[str]:
     pth_path = os.path.join(site_dir, AUTOLOAD_PTH)
     from open_clip_medclip.atomic import write_text
 
-    write_text(module_path, AUTOLOAD_SOURCE)  # the module first: a .pth without it would fail at every start-up
+    write_text(module_path, autoload_source())  # the module first: a .pth without it would fail at every start-up
     write_text(pth_path, f"import {AUTOLOAD_MODULE}\n")
     return [pth_path, module_path]
 

@@ -15,21 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from open_clip_medclip.eval.metrics import binary_auc_batch
+from open_clip_medclip.eval.metrics import binary_auc_batch, finite_or_none, quantile_ci
 
 TIE = "tie"
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
-
-
-def _ci(samples: np.ndarray, level: float = 0.95) -> list[float | None]:
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
-        return [None, None]
-    alpha = (1 - level) / 2
-    return [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
 
 
 def auc_rows(scores: np.ndarray, positives: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
@@ -95,18 +83,18 @@ def paired_comparison(scores: Mapping[str, np.ndarray], positives: np.ndarray, f
     with _quiet():
         images_only = np.nanmean(diff_boot, axis=1)
     difference = {
-        "value": _finite_or_none(np.mean(diff_point)),
-        "ci95": _ci(over_seeds(diff_boot)),
-        "ci95_images_only": _ci(images_only),
-        "per_seed": [{"value": _finite_or_none(diff_point[s]), "ci95": _ci(diff_boot[:, s])}
+        "value": finite_or_none(np.mean(diff_point)),
+        "ci95": quantile_ci(over_seeds(diff_boot)),
+        "ci95_images_only": quantile_ci(images_only),
+        "per_seed": [{"value": finite_or_none(diff_point[s]), "ci95": quantile_ci(diff_boot[:, s])}
                      for s in range(num_seeds)],
     }
     return {
         "num_images": int(n),
         "num_seeds": int(num_seeds),
         "num_resamples": int(num_resamples),
-        "auc": {loss: {"value": _finite_or_none(np.mean(point[loss])), "ci95": _ci(over_seeds(boot[loss])),
-                       "per_seed": [_finite_or_none(v) for v in point[loss]]} for loss in (first, second)},
+        "auc": {loss: {"value": finite_or_none(np.mean(point[loss])), "ci95": quantile_ci(over_seeds(boot[loss])),
+                       "per_seed": [finite_or_none(v) for v in point[loss]]} for loss in (first, second)},
         "difference": difference,
         "verdict": verdict(difference["ci95"], first, second),
     }

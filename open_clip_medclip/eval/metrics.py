@@ -79,7 +79,8 @@ def binary_auc_batch(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
-def _ci(samples: np.ndarray, level: float = 0.95) -> list[float | None]:
+def quantile_ci(samples: np.ndarray, level: float = 0.95) -> list[float | None]:
+    """[low, high] quantile interval of the finite `samples` ([None, None] when none is finite)."""
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
         return [None, None]
@@ -87,12 +88,12 @@ def _ci(samples: np.ndarray, level: float = 0.95) -> list[float | None]:
     return [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
 
 
-def _value(point: float | np.floating) -> float | None:
+def finite_or_none(point: float | np.floating) -> float | None:
     return None if not np.isfinite(point) else float(point)
 
 
 def _with_ci(point: float, samples: np.ndarray) -> dict:
-    return {"value": _value(point), "ci95": _ci(samples)}
+    return {"value": finite_or_none(point), "ci95": quantile_ci(samples)}
 
 
 def bootstrap_indices(n: int, num_resamples: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED) -> np.ndarray:

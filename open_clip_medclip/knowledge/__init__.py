@@ -20,7 +20,7 @@ Nothing here imports spaCy (nor, through thinc, torch): the fast path uses the c
 """
 from __future__ import annotations
 
-import importlib
+from open_clip_medclip.lazy import lazy_attributes
 
 _NAMES = {
     "LABELER_NAME": "labeler", "LABELER_VERSION": "labeler", "Labeler": "labeler", "ReportLabels": "labeler",
@@ -31,14 +31,5 @@ __all__ = ["Labeler", "ReportLabels", "SentenceLabels", "iter_reports", "rules_h
            "LABELER_VERSION", "DEFAULT_RULES_DIR"]
 
 
-def __getattr__(name: str):
-    """The public names, imported on first use (so `medclip label --help` imports none of the labeler)."""
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# The public names, imported on first use (so `medclip label --help` imports none of the labeler).
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES, __all__)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, part: tuple[int, int] | None) -> int:
     from open_clip_medclip.atomic import atomic_write, write_text
-    from open_clip_medclip.knowledge.labeler import Labeler
+    from open_clip_medclip.knowledge.labeler import Labeler, chunked
     from open_clip_medclip.knowledge.readers import iter_reports
     from open_clip_medclip.knowledge.rules import RuleFileError
     from open_clip_medclip.labels import CSV_TEXT, VALUE_MEANINGS
@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace, part: tuple[int, int] | None) -> int:
         csv.writer(handle).writerow(header)
         progress = _progress(args.quiet)
         formatter = _SentenceRows if args.sentences else _ReportRows
-        chunks = _chunks(indexed, CHUNK_SIZE)
+        chunks = chunked(indexed, CHUNK_SIZE)
         for text, chunk_counts, chunk_reports, chunk_rows in labeler.map_chunks(
                 formatter(bool(id_column)), chunks, workers=args.workers):
             handle.write(text)
@@ -297,17 +297,6 @@ class _SentenceRows(_ReportRows):
 def _count(counts: list[list[int]], labels) -> None:
     for finding, value in zip(counts, labels):
         finding[_COUNT_INDEX[value]] += 1
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _prepend(first, rest) -> Iterator:

@@ -140,7 +140,7 @@ class Labeler:
 
     def imap(self, texts: Iterable[str | None], workers: int = 1, chunk_size: int = 256) -> Iterator[ReportLabels]:
         """Lazily label reports in input order (streams; bounded memory with workers)."""
-        for labelled in self.map_chunks(_label_texts, _chunks(texts, chunk_size), workers=workers):
+        for labelled in self.map_chunks(_label_texts, chunked(texts, chunk_size), workers=workers):
             yield from labelled
 
     def map_chunks(self, function: Callable[[Labeler, list], T], chunks: Iterable[list], workers: int = 1,
@@ -186,7 +186,8 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter), for `map_chunks`."""
     chunk: list = []
     for item in items:
         chunk.append(item)

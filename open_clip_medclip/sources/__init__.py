@@ -9,8 +9,9 @@ that names the row) is `sources/csvio.py`. The names below are imported on first
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
+
+from open_clip_medclip.lazy import lazy_attributes
 
 # The bundled sample data (small NIH / Kermany / IU / labeler sets): the one definition of its location.
 SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
@@ -34,13 +35,5 @@ _NAMES = {
 __all__ = sorted([*_NAMES, "SAMPLE_DATA_DIR"])
 
 
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# The public names are imported on first use.
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES, __all__)

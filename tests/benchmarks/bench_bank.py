@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchresults import rss_mb  # noqa: E402
 
 from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS  # noqa: E402
 from open_clip_medclip.labels import BLANK_CODE  # noqa: E402
@@ -132,14 +135,6 @@ def old_build(texts, codes):
 # ----------------------------------------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------------------------------------
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def uss_mb(pid: int | str = "self") -> float:
     total = 0
     with open(f"/proc/{pid}/smaps_rollup") as handle:

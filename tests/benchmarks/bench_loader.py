@@ -32,6 +32,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchresults import rss_mb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loader.json"
 PER_SHARD = 100
@@ -89,14 +92,6 @@ def make_shards(folder: Path, samples: int) -> str:
     (folder / "sizes.json").write_text(json.dumps(sizes))
     write_index_files(folder, index_files(facts, "raw"), lambda path, data: Path(path).write_bytes(data))
     return pattern
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def loader_args(data: str, workers: int, batch_size: int, num_samples: int | None) -> SimpleNamespace:

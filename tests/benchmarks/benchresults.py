@@ -124,3 +124,12 @@ def write_results(args: argparse.Namespace, results: dict, argv: list[str] | Non
     temporary.replace(path)
     print(f"results written to {path}")
     return path
+
+
+def rss_mb() -> float:
+    """This process's resident set (MB, from /proc; NaN where that is missing): the memory figure benchmarks record."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
