@@ -159,6 +159,14 @@ def _all_gather_nograd(tensor: torch.Tensor, world_size: int, use_horovod: bool)
     return torch.cat(gathered, dim=0)
 
 
+def gather_features(*args, **kwargs):
+    """OpenCLIP's feature all-gather, through the host glue (imported on first use: the glue loads open_clip_train's
+    data module, which a single-process loss never needs)."""
+    from open_clip_medclip.plugins.openclip_data import gather_features as host_gather_features
+
+    return host_gather_features(*args, **kwargs)
+
+
 class SemanticMatchingLoss(ClipLoss):
     """Soft-target contrastive loss with targets softmax(label_similarity / temperature).
 
@@ -225,9 +233,6 @@ class SemanticMatchingLoss(ClipLoss):
         """
         if self.world_size == 1:
             return image_features, text_features, image_features, text_features, 0
-        # through the host glue (checked at import); imported here because it loads open_clip_train's data module
-        from open_clip_medclip.plugins.openclip_data import gather_features
-
         local = self.local_loss and not full
         all_image, all_text = gather_features(
             image_features, text_features, local_loss=local, gather_with_grad=self.gather_with_grad,

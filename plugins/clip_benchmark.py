@@ -12,6 +12,8 @@ the version to install):
   says so on stderr. An explicit `--custom_template_file` still wins (CLIP_benchmark applies it afterwards).
 - `clip_benchmark.metrics.zeroshot_classification.evaluate`: with fewer than 5 classes CLIP_benchmark reports
   `acc5: NaN` (invalid JSON); the hook leaves NaN metrics out of the result and says which.
+- `clip_benchmark.metrics.zeroshot_classification.accuracy`: 1.6's version calls `float()` on a 1-element array,
+  a TypeError under numpy >= 2.4; replaced by the same computation with `.item()`.
 
 `install_hooks` is light (no torch import of its own) and idempotent, so it can run from inside the import of
 `open_clip` in a plain `clip_benchmark eval` process (the opt-in autoload), when `clip_benchmark.cli` is still
@@ -169,16 +171,28 @@ def _wrap_evaluate(original):
     return evaluate
 
 
+def _accuracy(output, target, topk=(1,)):
+    """CLIP_benchmark 1.6's `accuracy` with `.item()` in place of `float(<1-element array>)`, which numpy >= 2.4
+    rejects (`TypeError: only 0-dimensional arrays can be converted to Python scalars`)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+setattr(_accuracy, _HOOKED, True)
+
+
 def install_hooks() -> None:
     """Install the wds-prompt and no-NaN hooks into CLIP_benchmark (idempotent, safe during its own import)."""
     import clip_benchmark.datasets.builder as builder
     import clip_benchmark.metrics.zeroshot_classification as zeroshot
 
-    _require({builder: ("build_wds_dataset", "build_dataset"), zeroshot: ("evaluate",)})
+    _require({builder: ("build_wds_dataset", "build_dataset"), zeroshot: ("evaluate", "accuracy")})
     if not getattr(builder.build_wds_dataset, _HOOKED, False):
         builder.build_wds_dataset = _wrap_build_wds_dataset(builder.build_wds_dataset)
     if not getattr(zeroshot.evaluate, _HOOKED, False):
         zeroshot.evaluate = _wrap_evaluate(zeroshot.evaluate)
+    zeroshot.accuracy = _accuracy  # `evaluate` looks it up at call time
 
 
 def install_if_clip_benchmark_running() -> bool:
