@@ -18,17 +18,24 @@ class AfterImport(importlib.abc.MetaPathFinder):
     def __init__(self, names, callback):
         self.pending = set(names) - set(sys.modules)
         self.callback = callback
+        self.searching = set()
 
     def find_spec(self, name, path=None, target=None):
-        if name not in self.pending:
+        # `searching`: another hook of this kind (the package's own and the autoload's) asks the finders after it,
+        # including this one; answering None while this one is already searching for `name` stops the recursion
+        if name not in self.pending or name in self.searching:
             return None
         spec = None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
+        self.searching.add(name)
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self.searching.discard(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module

@@ -2,6 +2,7 @@
 importing torch or open_clip itself (a one-shot hook registers right after `import open_clip`)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,3 +28,17 @@ def test_models_register_in_either_import_order(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **__import__("os").environ})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_package_hook_and_autoload_hook_together(tmp_path):
+    """With the opt-in autoload installed, `import open_clip_medclip` then `import open_clip` puts two post-import
+    hooks on sys.meta_path; each asks the other for open_clip's spec (this recursed without end before)."""
+    from open_clip_medclip.autoload import install_autoload
+
+    install_autoload(str(tmp_path))
+    code = (f"import site; site.addsitedir({str(tmp_path)!r}); import open_clip_medclip, open_clip; "
+            "open_clip.create_model('medclip-tiny'); print('registered')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "registered" in result.stdout and "RecursionError" not in result.stderr
