@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata as metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 import pytest
@@ -77,3 +84,51 @@ def test_installed_base_dependency_tree_allows_numpy_2(setup_cfg):
             todo.append(child)
     assert "spacy" in seen and "thinc" in seen, "spaCy's tree was not walked (is it installed?)"
     assert not caps, caps
+
+
+def _fresh_venv_with_this_environment(folder: Path) -> Path:
+    """A new venv whose only packages are the ones installed here (torch included), seen through a .pth file:
+    what `pip install .` resolves in it is exactly what our metadata asks for beyond an existing stack."""
+    venv.EnvBuilder(with_pip=False).create(folder)
+    python = folder / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    (site_packages / "inherit_test_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return python
+
+
+def _pip_dry_run(python: Path, target: str, report: Path, offline: bool):
+    argv = [str(python), "-m", "pip", "install", "--dry-run", "--no-build-isolation", "--quiet",
+            "--disable-pip-version-check", "--report", str(report), target]
+    if offline:
+        argv.insert(4, "--no-index")
+    return subprocess.run(argv, capture_output=True, text=True, cwd=SETUP_CFG.parent, timeout=600)
+
+
+def test_pip_install_in_fresh_venv_leaves_scispacy_to_the_extra(tmp_path):
+    """`pip install .` in a fresh venv where torch and the rest are already installed resolves offline (so it asks
+    for nothing else, scispacy included); `pip install .[scispacy]` asks for scispacy (offline: not found)."""
+    if importlib.util.find_spec("scispacy") is not None:
+        pytest.skip("scispacy is installed here, so the extra resolves without asking for it")
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed here, so pip cannot build our metadata offline")
+    python = _fresh_venv_with_this_environment(tmp_path / "venv")
+    base = _pip_dry_run(python, ".", tmp_path / "base.json", offline=True)
+    assert base.returncode == 0, base.stderr
+    installs = [item["metadata"]["name"] for item in json.loads((tmp_path / "base.json").read_text())["install"]]
+    assert [canonicalize_name(name) for name in installs] == ["open-clip-medclip"], installs
+    extra = _pip_dry_run(python, ".[scispacy]", tmp_path / "extra.json", offline=True)
+    assert extra.returncode != 0 and "No matching distribution found for scispacy" in extra.stderr, extra.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MEDCLIP_NETWORK_TESTS"),
+                    reason="resolves against the package index; set MEDCLIP_NETWORK_TESTS=1 to run")
+def test_pip_install_extra_brings_scispacy_from_the_index(tmp_path):
+    """Online variant: with the index reachable, `.[scispacy]` would install scispacy and `.` would not."""
+    python = _fresh_venv_with_this_environment(tmp_path / "venv")
+    for target, wanted in ((".", False), (".[scispacy]", True)):
+        result = _pip_dry_run(python, target, tmp_path / "report.json", offline=False)
+        assert result.returncode == 0, result.stderr
+        names = {canonicalize_name(item["metadata"]["name"])
+                 for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+        assert ("scispacy" in names) is wanted, (target, sorted(names))
