@@ -1,14 +1,17 @@
 """FLOPs per training sample (forward + backward), texts padded to 77 vs trimmed to each batch's longest vs bucketed.
 
     python tests/benchmarks/bench_flops.py [--model medclip-swin] [--batch-size 128] [--batches 500]
-        [--bucket-pool 16] [--machine TEXT] [--out PATH | --no-out]
+        [--bucket-pool 16] [--text-multiple auto] [--machine TEXT] [--out PATH | --no-out]
 
 The CPU proxy of issue 15's GPU goal: batches of `--batch-size` sentences drawn (seeded, with replacement) from the
 bundled IU reports' labelled sentences, tokenized by the model's tokenizer (Bio_ClinicalBERT's, bundled):
 - `padded_77`: every batch 77 tokens wide (OpenCLIP's tokenizer);
-- `trimmed`: each batch as wide as its longest text, rounded up to a multiple of 8 (at most 77);
+- `trimmed`: each batch as wide as its longest text, rounded up to the training stream's multiple for this model
+  (`--text-multiple auto`, the stream's own rule `streams.text_multiple_for`: 1, i.e. exactly the longest text,
+  for MedCLIP's reference pooler as in the authors' collator; 8 for masked poolers), at most 77;
+- `trimmed_multiple_8`: the same rounded up to a multiple of 8 (shown when the model's multiple is not 8);
 - `bucketed`: `--bucket-pool` batches' worth of samples sorted by length and cut into batches (length bucketing),
-  then trimmed as above.
+  then trimmed as `trimmed`.
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention): forward + backward
 of the image tower, of the text tower per token width, and of the loss at the full batch. Tower FLOPs are linear in
 the batch at a fixed width (checked: a batch of 2 counts exactly twice a batch of 1), so each width is counted once
@@ -66,16 +69,21 @@ def trimmed_width(longest: int, context_length: int, multiple: int = 8) -> int:
 
 
 def batch_widths(lengths: np.ndarray, batch_size: int, batches: int, context_length: int, bucket_pool: int,
-                 seed: int = 0) -> dict[str, list[int]]:
+                 multiple: int, seed: int = 0) -> dict[str, list[int]]:
     rng = np.random.default_rng(seed)
     draws = rng.integers(len(lengths), size=(batches, batch_size))
-    trimmed = [trimmed_width(int(lengths[row].max()), context_length) for row in draws]
+    longest = [int(lengths[row].max()) for row in draws]
+    widths = {"padded_77": [context_length] * batches,
+              "trimmed": [trimmed_width(n, context_length, multiple) for n in longest]}
+    if multiple != 8:
+        widths["trimmed_multiple_8"] = [trimmed_width(n, context_length, 8) for n in longest]
     bucketed = []
     for start in range(0, batches, bucket_pool):
         pool = np.sort(lengths[draws[start:start + bucket_pool].reshape(-1)])
-        bucketed.extend(trimmed_width(int(chunk.max()), context_length)
+        bucketed.extend(trimmed_width(int(chunk.max()), context_length, multiple)
                         for chunk in np.split(pool, len(pool) // batch_size))
-    return {"padded_77": [context_length] * batches, "trimmed": trimmed, "bucketed": bucketed}
+    widths["bucketed"] = bucketed
+    return widths
 
 
 def _count(fn) -> int:
@@ -134,7 +142,8 @@ def loss_flops(model, batch: int) -> int:
     return _count(lambda: SemanticMatchingLoss()(image, text, scale, image_labels=labels, text_labels=labels))
 
 
-def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_size: int) -> tuple[int, int]:
+def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_size: int,
+                      multiple: int) -> tuple[int, int]:
     """(width, FLOPs) of one real trimmed training step: packed labels, passthrough model, soft loss, backward."""
     from open_clip_medclip.plugins import openclip_train
 
@@ -143,7 +152,7 @@ def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_
 
     tokens = tokenizer(sentences[:batch])
     pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", 0) or 0
-    width = trimmed_width(int((tokens != pad).sum(1).max()), tokens.shape[1])
+    width = trimmed_width(int((tokens != pad).sum(1).max()), tokens.shape[1], multiple)
     labels = torch.zeros(batch, 14)
     labels[:, 0] = 1
     texts = pack_batch(tokens[:, :width], labels, labels)
@@ -162,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-pool", type=int, default=16, help="batches per length-sorted bucketing pool")
     parser.add_argument("--iu-reports", type=int, default=None, help="use only the first N bundled IU reports")
     parser.add_argument("--check-batch", type=int, default=4, help="batch of the direct whole-step count")
+    parser.add_argument("--text-multiple", default="auto",
+                        help="width rounding of trimmed batches; auto: the training stream's rule for --model")
     parser.add_argument("--threads", type=int, default=None)
     add_output_arguments(parser, "bench_flops")
     args = parser.parse_args(argv)
@@ -171,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip
 
     import open_clip_medclip  # noqa: F401  (registers the models)
+    from open_clip_medclip.streams import text_multiple_for
+
+    multiple = text_multiple_for(argparse.Namespace(model=args.model, medclip_text_multiple=args.text_multiple))
+    if multiple <= 0:
+        raise SystemExit(f"bench_flops: {args.model} trains without text trimming (text multiple {multiple})")
 
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, output_dict=True)
@@ -185,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sentences = iu_sentences(args.iu_reports)
     lengths = token_lengths(tokenizer, sentences)
-    widths = batch_widths(lengths, args.batch_size, args.batches, context_length, args.bucket_pool)
+    widths = batch_widths(lengths, args.batch_size, args.batches, context_length, args.bucket_pool, multiple)
 
     towers = TowerCounter(model, size)
     linear_width = widths["trimmed"][0]
@@ -203,15 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         per_sample[policy] = image_per_sample + text + loss_per_sample
         histograms[policy] = dict(sorted(Counter(batch_list).items()))
 
-    check_width, counted = direct_step_flops(model, tokenizer, sentences, args.check_batch, size)
+    check_width, counted = direct_step_flops(model, tokenizer, sentences, args.check_batch, size, multiple)
     predicted = args.check_batch * (towers.image() + towers.text(check_width)) + loss_flops(model, args.check_batch)
 
-    ratios = {"trimmed_over_padded": round(per_sample["trimmed"] / per_sample["padded_77"], 4),
-              "bucketed_over_padded": round(per_sample["bucketed"] / per_sample["padded_77"], 4),
-              "text_tower_trimmed_over_padded": round(text_per_sample["trimmed"] / text_per_sample["padded_77"], 4),
-              "text_tower_bucketed_over_padded": round(text_per_sample["bucketed"] / text_per_sample["padded_77"], 4)}
+    ratios = {f"{policy}_over_padded": round(per_sample[policy] / per_sample["padded_77"], 4)
+              for policy in widths if policy != "padded_77"}
+    ratios.update({f"text_tower_{policy}_over_padded": round(text_per_sample[policy] / text_per_sample["padded_77"], 4)
+                   for policy in widths if policy != "padded_77"})
     result = {
         "benchmark": "bench_flops", "model": args.model, "batch_size": args.batch_size, "batches": args.batches,
+        "text_multiple": multiple,
         "bucket_pool": args.bucket_pool, "sentences": len(sentences),
         "token_length": {"median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)),
                          "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max())},
@@ -230,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     g = result["gflops_per_sample"]
     print(f"{args.model}, batches of {args.batch_size} IU sentences (token length median {result['token_length']['median']:.0f}, "
           f"p99 {result['token_length']['p99']:.0f}, max {result['token_length']['max']}): forward+backward GFLOPs per "
-          f"sample padded_77 {g['padded_77']:.2f} | trimmed {g['trimmed']:.2f} ({ratios['trimmed_over_padded']:.3f}x, "
-          f"mean width {result['mean_width']['trimmed']}) | bucketed {g['bucketed']:.2f} "
+          f"sample padded_77 {g['padded_77']:.2f} | trimmed (multiple {multiple}) {g['trimmed']:.2f} "
+          f"({ratios['trimmed_over_padded']:.3f}x, mean width {result['mean_width']['trimmed']}) | bucketed {g['bucketed']:.2f} "
           f"({ratios['bucketed_over_padded']:.3f}x, mean width {result['mean_width']['bucketed']}); text tower alone "
           f"{ratios['text_tower_trimmed_over_padded']:.3f}x / {ratios['text_tower_bucketed_over_padded']:.3f}x. "
           f"Direct count of a trimmed step: {'equal' if counted == predicted else 'DIFFERENT'}.")

@@ -198,3 +198,10 @@ def test_flops_proxy_counts_trimmed_batches_exactly(tmp_path: Path, capsys):
     check = result["direct_check"]
     assert check["counted"] == check["predicted"]
     assert "trimmed" in capsys.readouterr().out
+    # exact-longest widths (the reference pooler's rule) never cost more than rounding up to 8
+    assert bench.main(["--model", "medclip-tiny", "--batches", "4", "--batch-size", "16", "--iu-reports", "60",
+                       "--text-multiple", "1", "--out", str(out)]) == 0
+    exact = json.loads(out.read_text())["results"]
+    assert exact["text_multiple"] == 1
+    assert exact["flops_per_sample"]["trimmed"] <= exact["flops_per_sample"]["trimmed_multiple_8"]
+    assert exact["direct_check"]["counted"] == exact["direct_check"]["predicted"]
