@@ -674,7 +674,7 @@ class ToTrainingSample:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Text trimming (issue 15) and packing
+# Text trimming and packing
 # --------------------------------------------------------------------------------------------------------------
 def trim_tokens(tokens: torch.Tensor, multiple: int = 8, pad_id: int = 0) -> torch.Tensor:
     """Drop the padding columns behind the batch's longest text, keeping a width that is a multiple of `multiple`.
@@ -736,7 +736,7 @@ def token_lengths(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 
 
 class BucketByLength:
-    """`--medclip-text-bucket N` (issue 15): length bucketing of the training stream, off by default.
+    """`--medclip-text-bucket N`: length bucketing of the training stream, off by default.
 
     Takes `pool` batches' worth of paired samples at a time, tokenizes their texts in one call (the rows travel on
     as the samples' `tokens`, so `PackBatch` does not tokenize again), sorts them by token length (stable: equal
