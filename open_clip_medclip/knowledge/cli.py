@@ -267,7 +267,7 @@ class _ReportRows:
         writer = csv.writer(buffer)
         counts = [[0] * len(COUNT_KEYS) for _ in range(NUM_FINDINGS)]
         for _, report_id, text in chunk:
-            labels = labeler.label_report(text).labels
+            labels = labeler.label_report(text, with_sentences=False).labels
             prefix = [report_id if report_id is not None else ""] if self.with_id else []
             writer.writerow(prefix + [text] + [CSV_TEXT[value] for value in labels])
             _count(counts, labels)

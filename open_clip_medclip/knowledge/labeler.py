@@ -5,6 +5,10 @@ aggregation functions directly on strings, skipping Doc construction (about 5x f
 Doc pipeline, with identical labels; `label_report_with_pipeline` runs the spaCy pipeline and is what the tests
 compare against). With the scispaCy switches on, only the pipeline path can use the extra entities, so
 `label_report` then runs the pipeline.
+
+Reports repeat sentences heavily ("The lungs are clear."), and with the bundled rules a sentence's labels depend
+only on its own text (no phrase can match across a sentence boundary, `text.may_cross_sentences`), so the fast
+path labels each sentence on its own and keeps the labels of recently seen sentences in a bounded dict.
 """
 from __future__ import annotations
 
@@ -29,13 +33,22 @@ from open_clip_medclip.knowledge.components import (
     UncertaintyComponent,
     build_pipeline,
 )
-from open_clip_medclip.knowledge.matching import aggregate_report, matching_text, sentence_vector
+from open_clip_medclip.knowledge.matching import (
+    aggregate_report,
+    matching_text,
+    merge_terms,
+    resolve_sentence,
+    sentence_vector,
+)
 from open_clip_medclip.knowledge.rules import resolve_rules_dir, rules_hash
-from open_clip_medclip.knowledge.text import normalize_report
+from open_clip_medclip.knowledge.text import may_cross_sentences, normalize_report
 
 LABELER_NAME = "medclip-rules"
 LABELER_VERSION = "1.0.0"
+# Distinct sentences whose labels a Labeler keeps (~400 bytes each, ~25 MB at most); emptied when full.
+SENTENCE_CACHE_SIZE = 1 << 16
 T = TypeVar("T")
+SentenceVector = tuple[list[float | None], bool]  # a sentence's 14 labels and whether it blocks No Finding
 
 
 @dataclass
@@ -64,6 +77,9 @@ class Labeler:
             without those headers are labelled whole, minus indication/history/comparison/technique sections.
         scispacy_model: name of an installed scispaCy model (e.g. "en_core_sci_sm") to build the pipeline on.
         umls_linker: add scispaCy's UMLS linker; linked entities listed in rules/umls_cuis.json become mentions.
+
+    `sentence_cache_size` (attribute, default `SENTENCE_CACHE_SIZE`; 0 turns the cache off) bounds the fast
+    path's cache of sentence labels, keyed by the sentence's matching text.
     """
 
     def __init__(self, rules_dir: str | Path | None = None, sections: Sequence[str] = DEFAULT_LABEL_SECTIONS,
@@ -84,6 +100,12 @@ class Labeler:
         self._scope = ScopeComponent(rules_dir)
         self._phrase_components = [MentionsComponent(rules_dir), NegationComponent(rules_dir),
                                    UncertaintyComponent(rules_dir), self._scope]
+        self._matchers = [component.matcher for component in self._phrase_components]
+        # Rules whose phrases cannot match across sentences let each sentence be labelled (and cached) alone.
+        self._per_sentence = not any(may_cross_sentences(phrase) for matcher in self._matchers
+                                     for phrase in matcher.table)
+        self.sentence_cache_size = SENTENCE_CACHE_SIZE
+        self._sentence_cache: dict[str, SentenceVector] = {}
 
     @property
     def nlp(self):
@@ -102,8 +124,12 @@ class Labeler:
         return {"labeler": LABELER_NAME, "version": self.version, "rules_hash": self.rules_hash,
                 "rules_dir": str(self.rules_dir), **{k: v for k, v in self.options.items() if k != "rules_dir"}}
 
-    def label_report(self, text: str | None) -> ReportLabels:
-        """Labels for one report (fast path; same result as `label_report_with_pipeline`)."""
+    def label_report(self, text: str | None, with_sentences: bool = True) -> ReportLabels:
+        """Labels for one report (fast path; same result as `label_report_with_pipeline`).
+
+        `with_sentences=False` leaves `sentences` empty on the fast path (building them is a fifth of its time
+        when only the report labels are wanted).
+        """
         if self._uses_extra_models:
             return self.label_report_with_pipeline(text)
         normalized = normalize_report(text or "")
@@ -113,16 +139,42 @@ class Labeler:
         if not spans:
             return ReportLabels(aggregate_report([]), [])
         match_text = matching_text(normalized)
+        if self._per_sentence:
+            vectors = self._cached_sentence_vectors(match_text, spans)
+        else:
+            vectors = self._report_sentence_vectors(match_text, spans)
+        sentences = [SentenceLabels(normalized[start:end], labels[:], other)
+                     for (start, end), (labels, other) in zip(spans, vectors)] if with_sentences else []
+        return ReportLabels(aggregate_report(vectors), sentences)
+
+    def _cached_sentence_vectors(self, match_text: str, spans: Sequence[tuple[int, int]]) -> list[SentenceVector]:
+        """Each sentence's vector from the cache, or labelled alone and cached (vectors are shared: read only)."""
+        cache = self._sentence_cache
+        vectors = []
+        for start, end in spans:
+            sentence = match_text[start:end]
+            vector = cache.get(sentence)
+            if vector is None:
+                vector = self._label_sentence(sentence)
+                if self.sentence_cache_size > 0:
+                    if len(cache) >= self.sentence_cache_size:
+                        cache.clear()
+                    cache[sentence] = vector
+            vectors.append(vector)
+        return vectors
+
+    def _label_sentence(self, sentence: str) -> SentenceVector:
+        """The vector of one sentence's matching text, matched and resolved on that text alone."""
+        terms = merge_terms(*(matcher.find(sentence) for matcher in self._matchers))
+        return sentence_vector(resolve_sentence(sentence, 0, len(sentence), terms, self._scope.settings)
+                               if terms else [])
+
+    def _report_sentence_vectors(self, match_text: str, spans: Sequence[tuple[int, int]]) -> list[SentenceVector]:
+        """Sentence vectors from matching the whole report (rules with phrases that may cross sentences)."""
         terms: list = []
         for component in self._phrase_components:
             terms.extend(component.find(match_text, spans))
-        sentences: list[SentenceLabels] = []
-        vectors = []
-        for (start, end), assertions in zip(spans, self._scope.resolve(match_text, spans, terms)):
-            vector = sentence_vector(assertions)
-            vectors.append(vector)
-            sentences.append(SentenceLabels(normalized[start:end], vector[0], vector[1]))
-        return ReportLabels(aggregate_report(vectors), sentences)
+        return [sentence_vector(assertions) for assertions in self._scope.resolve(match_text, spans, terms)]
 
     def label_report_with_pipeline(self, text: str | None) -> ReportLabels:
         """Labels for one report by running the spaCy pipeline (Doc, spans and extensions)."""

@@ -13,9 +13,27 @@ from typing import NamedTuple
 # A line that starts a list item or an upper-case "HEADER:" starts a paragraph (MIMIC wraps everything else).
 _LIST_ITEM_LINE = re.compile(r"\n[ \t]*(?=(?:\(?\d{1,2}[.)]|[-*\u2022])[ \t]|[A-Z][A-Z /&()-]{1,40}:)")
 _PARAGRAPH_BREAK = re.compile(r"[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")
-_SENTENCE_END = re.compile(r"[.!?]+(?=[\s\"')\]]|$)|\n\n")
+# "[.!?][.!?]*" rather than "[.!?]+": a pattern whose branches all start with a character set lets the regex
+# engine skip ahead to the next candidate character instead of trying every position.
+_SENTENCE_END = re.compile(r"[.!?][.!?]*(?=[\s\"')\]]|$)|\n\n")
 _LIST_MARKER = re.compile(r"(?:\(?\d{1,2}[.)]|[-*\u2022])\s+")
 _HAS_LETTER = re.compile(r"[A-Za-z]")
+# Characters a phrase match would have to contain (before its last character) to run across a sentence
+# boundary: sentence-ending punctuation, the ':' of a section header, the end of a list marker ("1)", "*", "\u2022")
+# and line breaks. Everything between two sentences starts or ends next to one of them.
+SENTENCE_BOUNDARY_CHARS = frozenset(".!?:)*\u2022\n")
+
+
+def may_cross_sentences(phrase: str) -> bool:
+    """Whether a matched phrase could span two sentences (or a sentence and the text between sentences).
+
+    Sentences end at '.', '!' or '?' (or a paragraph break or section end) and start after whitespace, a header
+    colon or a list marker, and the characters on both sides of every boundary are not letters or digits. So a
+    phrase without leading/trailing whitespace, line breaks or a boundary character before its last character
+    matches the same way in a sentence's text alone as in the whole report (what `Labeler`'s per-sentence
+    cache relies on).
+    """
+    return phrase != phrase.strip() or any(char in SENTENCE_BOUNDARY_CHARS for char in phrase[:-1])
 
 
 def normalize_report(text: str) -> str:
