@@ -124,6 +124,10 @@ class Labeler:
         return {"labeler": LABELER_NAME, "version": self.version, "rules_hash": self.rules_hash,
                 "rules_dir": str(self.rules_dir), **{k: v for k, v in self.options.items() if k != "rules_dir"}}
 
+    def clear_sentence_cache(self) -> None:
+        """Forget cached sentence labels (benchmarks time a cold pass with it)."""
+        self._sentence_cache.clear()
+
     def label_report(self, text: str | None, with_sentences: bool = True) -> ReportLabels:
         """Labels for one report (fast path; same result as `label_report_with_pipeline`).
 
