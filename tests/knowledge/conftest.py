@@ -1,6 +1,10 @@
 """Fixtures for the labeler tests: one Labeler per session (building it compiles the rule files once)."""
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import pytest
 
 from open_clip_medclip.knowledge import Labeler
@@ -21,3 +25,17 @@ def label(labeler):
         return {name: value for name, value in zip(CHEXPERT_FINDINGS, result.labels) if value is not None}
 
     return run
+
+
+@pytest.fixture
+def write_tgz():
+    """write_tgz(path, {member name: bytes}) -> path: a gzipped tar of report files (reader fault tests)."""
+    def write(path: Path, members: dict[str, bytes]) -> Path:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    return write

@@ -75,7 +75,7 @@ def test_latin1_bytes_are_an_error_naming_file_row_and_line_not_u_fffd(tmp_path)
     assert rows[1]["Reports"] == "Pleural effusion, caf\u00e9 noted." and "\ufffd" not in out.read_text("utf-8")
 
 
-def test_bad_bytes_in_txt_reports_and_archive_members_name_them(tmp_path):
+def test_bad_bytes_in_txt_reports_and_archive_members_name_them(tmp_path, write_tgz):
     folder = tmp_path / "txt"
     folder.mkdir()
     (folder / "s1.txt").write_text("FINDINGS: No effusion.", encoding="utf-8")
@@ -83,12 +83,7 @@ def test_bad_bytes_in_txt_reports_and_archive_members_name_them(tmp_path):
     with pytest.raises(UserError, match=r"s2\.txt: line 2: byte 0xe9 is not valid utf-8"):
         main([str(folder), "--out", str(tmp_path / "a.csv"), "--quiet"])
 
-    archive = tmp_path / "reports.tgz"
-    with tarfile.open(archive, "w:gz") as tar:
-        data = b"FINDINGS: caf\xe9."
-        member = tarfile.TarInfo("reports/bad.txt")
-        member.size = len(data)
-        tar.addfile(member, io.BytesIO(data))
+    archive = write_tgz(tmp_path / "reports.tgz", {"reports/bad.txt": b"FINDINGS: caf\xe9."})
     with pytest.raises(UserError, match=r"reports\.tgz!reports/bad\.txt: line 1: byte 0xe9"):
         main([str(archive), "--out", str(tmp_path / "b.csv"), "--quiet"])
 

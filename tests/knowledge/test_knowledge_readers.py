@@ -1,7 +1,6 @@
 """Report readers: CSV, IU XML (folder, file, .tgz), .txt folder, and their errors."""
 from __future__ import annotations
 
-import io
 import tarfile
 
 import pytest
@@ -73,18 +72,13 @@ def test_bundled_iu_archive(sample_dir):
     assert reports[0][0] == "CXR1" and "FINDINGS: The cardiac silhouette" in reports[0][1]
 
 
-def test_unreadable_xml_names_the_file(tmp_path):
+def test_unreadable_xml_names_the_file(tmp_path, write_tgz):
     folder = tmp_path / "xml"
     write_iu(folder, 1)
     (folder / "2.xml").write_text("<eCitation><uId id='CXR2'/>", encoding="utf-8")
     with pytest.raises(ReportInputError, match=r"2\.xml: unreadable XML"):
         list(iter_reports(folder))
-    archive = tmp_path / "bad.tgz"
-    with tarfile.open(archive, "w:gz") as tar:
-        data = b"<not-closed>"
-        info = tarfile.TarInfo("ecgen-radiology/7.xml")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    archive = write_tgz(tmp_path / "bad.tgz", {"ecgen-radiology/7.xml": b"<not-closed>"})
     with pytest.raises(ReportInputError, match=r"bad\.tgz!ecgen-radiology/7\.xml: unreadable XML"):
         list(iter_reports(archive))
     broken = tmp_path / "broken.tgz"
