@@ -47,3 +47,12 @@ def test_loss_benchmark_on_iu_labels_with_simulated_local_loss(tmp_path, capsys)
     assert local["soft_auto/auto_used"] == "grouped" and local["soft_auto/dense_used"] == "dense"
     assert local["clip_peak_mib"] > 0 and local["soft_auto/auto_memory_ratio"] > 0
     assert "simulated ranks" in capsys.readouterr().out
+
+
+def test_suite_benchmark_runs_both_ways_and_compares_the_same_tests(tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    _load("bench_suite").main(["--out", str(out), "--", "tests/sources/test_registry.py"])
+    results = json.loads(out.read_text())["results"]
+    assert results["serial"]["counts"] == results["parallel"]["counts"] and results["serial"]["counts"]["passed"] > 5
+    assert len(results["serial"]["runs"]) == 2 and results["parallel"]["runs"][0]["args"][:2] == ["-n", "2"]
+    assert results["parallel_over_serial_wall"] > 0 and "parallel / serial wall time" in capsys.readouterr().out
