@@ -1,12 +1,12 @@
 """Test-suite wall time: one pytest process (as CI ran it before) vs pytest-xdist workers (as tests/run.sh runs it).
 
-    python tests/benchmarks/bench_suite.py [--workers 2] [--machine "..."] [-- PYTEST ARGS]
+    python tests/benchmarks/bench_suite.py [--workers 2] [--omp-threads 1] [--machine "..."] [-- PYTEST ARGS]
 
 Both runs use the current venv and the same selection (the whole suite by default, slow tests included), one after
 the other in this run: serial = `pytest -m "not slow"` then `pytest -m slow` (tests/run.sh until this change),
-parallel = `pytest -n WORKERS --dist worksteal` (tests/run.sh now). Prints wall and CPU seconds, test counts and the
-ratio; writes results/bench_suite.json. Needs the reference environment (.ci/ref) that tests/run.sh installs, or the
-parity tests skip on both sides. Install time is not included (the same for both).
+parallel = `pytest -n WORKERS --dist worksteal` with OMP_NUM_THREADS=OMP_THREADS (tests/run.sh now). Prints wall and
+CPU seconds, test counts and the ratio; writes results/bench_suite.json. Needs the reference environment (.ci/ref)
+that tests/run.sh installs, or the parity tests skip on both sides. Install time is not included (the same for both).
 """
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="2", help="pytest-xdist workers for the parallel run (default 2)")
+    parser.add_argument("--omp-threads", default="1",
+                        help="OMP_NUM_THREADS for the parallel run, as tests/run.sh sets it (default 1; the serial run "
+                             "keeps this environment's setting)")
     add_output_arguments(parser, "bench_suite")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -65,13 +68,15 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     serial = add_up([pytest_run(["-m", "not slow", *extra], env), pytest_run(["-m", "slow", *extra], env)])
     print(f"serial:   {serial['wall_s']:.0f} s wall, {serial['cpu_s']:.0f} s CPU, {serial['counts']}", flush=True)
-    parallel = add_up([pytest_run(["-n", args.workers, "--dist", "worksteal", *extra], env)])
+    parallel = add_up([pytest_run(["-n", args.workers, "--dist", "worksteal", *extra],
+                                  {**env, "OMP_NUM_THREADS": args.omp_threads})])
     print(f"parallel: {parallel['wall_s']:.0f} s wall, {parallel['cpu_s']:.0f} s CPU, {parallel['counts']}")
     if serial["counts"] != parallel["counts"]:
         sys.exit(f"bench_suite: the two runs selected different tests: {serial['counts']} vs {parallel['counts']}")
     ratio = parallel["wall_s"] / serial["wall_s"]
     print(f"parallel / serial wall time: {ratio:.2f}x")
-    write_results(args, {"benchmark": "bench_suite", "workers": args.workers, "pytest_args": extra,
+    write_results(args, {"benchmark": "bench_suite", "workers": args.workers, "parallel_omp_threads": args.omp_threads,
+                         "serial_omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "pytest_args": extra,
                          "serial": serial, "parallel": parallel, "parallel_over_serial_wall": round(ratio, 3)}, argv, __file__)
 
 
