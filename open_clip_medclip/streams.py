@@ -685,9 +685,13 @@ def trim_tokens(tokens: torch.Tensor, multiple: int = 8, pad_id: int = 0) -> tor
     if multiple <= 0 or tokens.ndim != 2 or tokens.shape[1] == 0:
         return tokens
     used = tokens.ne(pad_id).any(dim=0).nonzero()
-    longest = int(used[-1]) + 1 if len(used) else 1
-    width = min(tokens.shape[1], -(-longest // multiple) * multiple)
+    width = trimmed_width(int(used[-1]) + 1 if len(used) else 1, tokens.shape[1], multiple)
     return tokens if width == tokens.shape[1] else tokens[:, :width].contiguous()
+
+
+def trimmed_width(longest: int, full_width: int, multiple: int) -> int:
+    """The width `trim_tokens` keeps for a batch whose longest text has `longest` tokens (multiple > 0)."""
+    return min(full_width, -(-longest // multiple) * multiple)
 
 
 def text_multiple_for(args) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,6 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchresults import add_output_arguments, write_results  # noqa: E402
+
+from open_clip_medclip.streams import token_lengths as row_lengths  # noqa: E402
+from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens, trimmed_width  # noqa: E402
 
 SAMPLE_REPORTS = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sample_data" / "iu_reports" / \
     "NLMCXR_reports.tgz"
@@ -56,16 +58,12 @@ def iu_sentences(max_reports: int | None = None) -> list[str]:
 
 def token_lengths(tokenizer, sentences: list[str]) -> np.ndarray:
     """Tokens per sentence including [CLS]/[SEP], capped at the context length (what the tokenizer keeps)."""
-    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", 0) or 0
+    pad = tokenizer_pad_id(tokenizer)
     lengths = []
     for start in range(0, len(sentences), 1024):
         tokens = tokenizer(sentences[start:start + 1024])
-        lengths.append((tokens != pad).sum(1).numpy())
+        lengths.append(row_lengths(tokens, pad).numpy())
     return np.concatenate(lengths)
-
-
-def trimmed_width(longest: int, context_length: int, multiple: int = 8) -> int:
-    return min(context_length, math.ceil(longest / multiple) * multiple)
 
 
 def batch_widths(lengths: np.ndarray, batch_size: int, batches: int, context_length: int, bucket_pool: int,
@@ -151,16 +149,15 @@ def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_
     from open_clip_medclip.loss import SemanticMatchingLoss
 
     tokens = tokenizer(sentences[:batch])
-    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", 0) or 0
-    width = trimmed_width(int((tokens != pad).sum(1).max()), tokens.shape[1], multiple)
+    trimmed = trim_tokens(tokens, multiple, tokenizer_pad_id(tokenizer))
     labels = torch.zeros(batch, 14)
     labels[:, 0] = 1
-    texts = pack_batch(tokens[:, :width], labels, labels)
+    texts = pack_batch(trimmed, labels, labels)
     images = torch.zeros(batch, 3, image_size, image_size)
     openclip_train.enable_label_passthrough(model, tokens.shape[1])
     model.zero_grad(set_to_none=True)
     flops = _count(lambda: SemanticMatchingLoss()(**model(images, texts)))
-    return width, flops
+    return trimmed.shape[1], flops
 
 
 def main(argv: list[str] | None = None) -> int:
