@@ -104,6 +104,12 @@ def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "each dataloader worker holds N x batch size decoded samples",
     )
     group.add_argument(
+        "--medclip-padding-free",
+        action="store_true",
+        help="run the text tower padding-free: only real tokens pass BERT's layers (same embeddings, less work); "
+        "models with medclip_masked_pooler only (medclip-*-masked), as the reference pooler averages padding",
+    )
+    group.add_argument(
         "--medclip-augment",
         choices=("medclip", "openclip"),
         default="medclip",

@@ -119,6 +119,43 @@ def is_medclip_model(model: torch.nn.Module) -> bool:
     return isinstance(getattr(text, "pooler", None), models.MedclipPooler)
 
 
+class PaddingFreeTextEncoder(hf_model.HFTextEncoder):
+    """OpenCLIP's HF text tower, run padding-free (`padding_free.encode`); set by `enable_padding_free_text`."""
+
+    def forward(self, x):
+        from open_clip_medclip import padding_free
+
+        result = padding_free.encode(self.transformer, self.pooler, x, self.config.pad_token_id,
+                                     with_tokens=self.output_tokens)
+        if self.output_tokens:
+            return self.proj(result[0]), result[1]
+        return self.proj(result)
+
+
+def enable_padding_free_text(clip_model: torch.nn.Module) -> torch.nn.Module:
+    """Run `clip_model`'s text tower padding-free (in place; same parameters and state dict).
+
+    Only for text towers with `medclip_masked_pooler`, whose embeddings do not depend on padding; MedCLIP's
+    reference pooler averages padding positions, so skipping them would change its embeddings.
+    """
+    from open_clip_medclip import padding_free
+    from open_clip_medclip.errors import UserError
+
+    text = getattr(clip_model, "text", None)
+    if isinstance(text, PaddingFreeTextEncoder):
+        return clip_model
+    if type(text) is not hf_model.HFTextEncoder or type(getattr(text, "pooler", None)) is not models.MedclipMaskedPooler:
+        pooler = type(getattr(text, "pooler", None)).__name__
+        raise UserError(f"--medclip-padding-free needs a Hugging Face text tower with medclip_masked_pooler "
+                        f"(the medclip-*-masked models); this model's text pooler is {pooler}")
+    padding_free.register_attention()
+    state_before = set(clip_model.state_dict())
+    text.transformer.set_attn_implementation(padding_free.ATTENTION_NAME)
+    text.__class__ = PaddingFreeTextEncoder
+    assert set(clip_model.state_dict()) == state_before
+    return clip_model
+
+
 def _is_default(value, default) -> bool:
     return tuple(value) == tuple(default) if isinstance(value, (list, tuple)) else value == default
 

@@ -49,6 +49,7 @@ import open_clip_train.train
 import torch
 from open_clip import factory, model
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
+from open_clip_medclip.plugins.openclip_models import enable_padding_free_text
 
 from open_clip_medclip import checkpoints, labels
 from open_clip_medclip.augment import medclip_train_transform
@@ -465,10 +466,13 @@ class _Run:
 
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
         clip_model, preprocess_train, preprocess_val = _ORIGINAL.create_model_and_transforms(model_name, *pos, **kwargs)
+        inner = clip_model.module if hasattr(clip_model, "module") else clip_model
+        if getattr(self.medclip_args, "medclip_padding_free", False):
+            enable_padding_free_text(inner)
+            logging.info("open_clip_medclip: %s text tower runs padding-free (--medclip-padding-free)", model_name)
         if not self.streams:
             return clip_model, preprocess_train, preprocess_val
         context_length = model_context_length(model_name, kwargs.get("force_context_length"))
-        inner = clip_model.module if hasattr(clip_model, "module") else clip_model
         enable_label_passthrough(inner, context_length)
         if getattr(self.medclip_args, "medclip_augment", "medclip") == "medclip":
             cfg = model.get_model_preprocess_cfg(inner)

@@ -11,7 +11,11 @@ bundled IU reports' labelled sentences, tokenized by the model's tokenizer (Bio_
   for MedCLIP's reference pooler as in the authors' collator; 8 for masked poolers), at most 77;
 - `trimmed_multiple_8`: the same rounded up to a multiple of 8 (shown when the model's multiple is not 8);
 - `bucketed`: `--bucket-pool` batches' worth of samples sorted by length and cut into batches (length bucketing),
-  then trimmed as `trimmed`.
+  then trimmed as `trimmed`;
+- `padding_free` (models whose text pooler masks padding, e.g. medclip-swin-masked): the `trimmed` batches run
+  through the padding-free text tower (`--medclip-padding-free`): only real tokens pass the linear layers, attention
+  is re-padded to the batch width. Its text FLOPs are alpha*length + beta*width^2 + gamma per text (fitted from four
+  one-text counts, checked by a direct count of a mixed batch).
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention): forward + backward
 of the image tower, of the text tower per token width, and of the loss at the full batch. Tower FLOPs are linear in
 the batch at a fixed width (checked: a batch of 2 counts exactly twice a batch of 1), so each width is counted once
@@ -66,18 +70,23 @@ def token_lengths(tokenizer, sentences: list[str]) -> np.ndarray:
     return np.concatenate(lengths)
 
 
-def batch_widths(lengths: np.ndarray, batch_size: int, batches: int, context_length: int, bucket_pool: int,
-                 multiple: int, seed: int = 0) -> dict[str, list[int]]:
+def draw_batches(lengths: np.ndarray, batch_size: int, batches: int, seed: int = 0) -> np.ndarray:
+    """(batches, batch_size) token lengths of random training batches (seeded draws with replacement)."""
     rng = np.random.default_rng(seed)
-    draws = rng.integers(len(lengths), size=(batches, batch_size))
-    longest = [int(lengths[row].max()) for row in draws]
+    return lengths[rng.integers(len(lengths), size=(batches, batch_size))]
+
+
+def batch_widths(drawn: np.ndarray, batch_size: int, context_length: int, bucket_pool: int,
+                 multiple: int) -> dict[str, list[int]]:
+    batches = len(drawn)
+    longest = [int(row.max()) for row in drawn]
     widths = {"padded_77": [context_length] * batches,
               "trimmed": [trimmed_width(n, context_length, multiple) for n in longest]}
     if multiple != 8:
         widths["trimmed_multiple_8"] = [trimmed_width(n, context_length, 8) for n in longest]
     bucketed = []
     for start in range(0, batches, bucket_pool):
-        pool = np.sort(lengths[draws[start:start + bucket_pool].reshape(-1)])
+        pool = np.sort(drawn[start:start + bucket_pool].reshape(-1))
         bucketed.extend(trimmed_width(int(chunk.max()), context_length, multiple)
                         for chunk in np.split(pool, len(pool) // batch_size))
     widths["bucketed"] = bucketed
@@ -114,6 +123,15 @@ class TowerCounter:
         self.model.zero_grad(set_to_none=True)
         return _count(lambda: self.model.encode_text(tokens))
 
+    def packed_text(self, lengths: list[int], width: int) -> int:
+        """Direct count of the padding-free text tower on texts of `lengths` tokens in a batch `width` wide."""
+        tokens = torch.zeros(len(lengths), width, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            tokens[row, :length] = 1000
+            tokens[row, 0], tokens[row, length - 1] = 101, 102
+        self.model.zero_grad(set_to_none=True)
+        return _count(lambda: self.model.encode_text(tokens))
+
     def image(self, batch: int = 1) -> int:
         if batch != 1:
             return self._count_image(batch)
@@ -125,6 +143,22 @@ class TowerCounter:
         images = torch.zeros(batch, 3, self.image_size, self.image_size)
         self.model.zero_grad(set_to_none=True)
         return _count(lambda: self.model.encode_image(images))
+
+
+class PackedTextCost:
+    """Padding-free text-tower FLOPs of one text: alpha*length + beta*width**2 + delta*width + gamma, fitted exactly."""
+
+    def __init__(self, towers: TowerCounter) -> None:
+        f = {(length, width): towers.packed_text([length], width) for length, width in ((2, 4), (4, 4), (2, 8), (2, 12))}
+        self.alpha = (f[4, 4] - f[2, 4]) // 2
+        # f(2,8)-f(2,4) = 48 beta + 4 delta; f(2,12)-f(2,8) = 80 beta + 4 delta
+        self.beta = ((f[2, 12] - f[2, 8]) - (f[2, 8] - f[2, 4])) // 32
+        self.delta = ((f[2, 8] - f[2, 4]) - 48 * self.beta) // 4
+        self.gamma = f[2, 4] - 2 * self.alpha - 16 * self.beta - 4 * self.delta
+        self.fit_points = {f"{length}x{width}": count for (length, width), count in f.items()}
+
+    def __call__(self, length: int, width: int) -> int:
+        return self.alpha * length + self.beta * width * width + self.delta * width + self.gamma
 
 
 def loss_flops(model, batch: int) -> int:
@@ -158,6 +192,25 @@ def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_
     model.zero_grad(set_to_none=True)
     flops = _count(lambda: SemanticMatchingLoss()(**model(images, texts)))
     return trimmed.shape[1], flops
+
+
+def padding_free_flops(model, towers: TowerCounter, drawn: np.ndarray, widths: list[int], check_batch: int) -> dict:
+    """Text FLOPs per sample of the random trimmed batches through the padding-free tower (switched on here)."""
+    from open_clip_medclip.plugins.openclip_models import enable_padding_free_text
+
+    enable_padding_free_text(model)
+    cost = PackedTextCost(towers)
+    per_text = [cost(int(length), width) for row, width in zip(drawn, widths) for length in row]
+    check_lengths = [int(n) for n in drawn[0][:check_batch]]
+    check_width = max(check_lengths)
+    return {
+        "text_per_sample": float(np.mean(per_text)),
+        "cost_per_text": {"alpha_per_token": cost.alpha, "beta_per_width_squared": cost.beta,
+                          "delta_per_width": cost.delta, "gamma": cost.gamma, "fit_points": cost.fit_points},
+        "direct_check": {"lengths": check_lengths, "width": check_width,
+                         "counted": towers.packed_text(check_lengths, check_width),
+                         "predicted": sum(cost(n, check_width) for n in check_lengths)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sentences = iu_sentences(args.iu_reports)
     lengths = token_lengths(tokenizer, sentences)
-    widths = batch_widths(lengths, args.batch_size, args.batches, context_length, args.bucket_pool, multiple)
+    drawn = draw_batches(lengths, args.batch_size, args.batches)
+    widths = batch_widths(drawn, args.batch_size, context_length, args.bucket_pool, multiple)
 
     towers = TowerCounter(model, size)
     linear_width = widths["trimmed"][0]
@@ -218,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
 
     check_width, counted = direct_step_flops(model, tokenizer, sentences, args.check_batch, size, multiple)
     predicted = args.check_batch * (towers.image() + towers.text(check_width)) + loss_flops(model, args.check_batch)
+    padding_free = None
+    if getattr(model.text, "pooler", None) is not None and getattr(model.text.pooler, "masked", False):
+        padding_free = padding_free_flops(model, towers, drawn, widths["trimmed"], args.check_batch)
+        text_per_sample["padding_free"] = padding_free.pop("text_per_sample")
+        per_sample["padding_free"] = image_per_sample + text_per_sample["padding_free"] + loss_per_sample
+        widths["padding_free"] = widths["trimmed"]
+        histograms["padding_free"] = histograms["trimmed"]
 
     ratios = {f"{policy}_over_padded": round(per_sample[policy] / per_sample["padded_77"], 4)
               for policy in widths if policy != "padded_77"}
@@ -239,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "width_histogram": histograms,
         "linearity_check": linear,
         "direct_check": {"batch": args.check_batch, "width": check_width, "counted": counted, "predicted": predicted},
+        "padding_free": padding_free or "not applicable: the text pooler averages padding (reference pooler)",
     }
+    if padding_free:
+        result["mean_tokens_per_text"] = round(float(drawn.mean()), 2)
     print(json.dumps(result))
     g = result["gflops_per_sample"]
     print(f"{args.model}, batches of {args.batch_size} IU sentences (token length median {result['token_length']['median']:.0f}, "
@@ -249,8 +313,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({ratios['bucketed_over_padded']:.3f}x, mean width {result['mean_width']['bucketed']}); text tower alone "
           f"{ratios['text_tower_trimmed_over_padded']:.3f}x / {ratios['text_tower_bucketed_over_padded']:.3f}x. "
           f"Direct count of a trimmed step: {'equal' if counted == predicted else 'DIFFERENT'}.")
+    exact = counted == predicted
+    if padding_free:
+        check = padding_free["direct_check"]
+        print(f"padding-free text tower: {g['padding_free']:.2f} GFLOPs per sample "
+              f"({ratios['padding_free_over_padded']:.3f}x padded, {ratios['text_tower_padding_free_over_padded']:.3f}x "
+              f"for the text tower; {result['mean_tokens_per_text']} real tokens per text). Direct count of a mixed "
+              f"batch: {'equal' if check['counted'] == check['predicted'] else 'DIFFERENT'}.")
+        exact = exact and check["counted"] == check["predicted"]
     write_results(args, result, argv, __file__)
-    return 0 if counted == predicted else 1
+    return 0 if exact else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 #     peak memory at 4k-16k per batch, and rank 0 of a simulated --local-loss run at global batch 32k on 8 ranks;
 #  2. medclip-swin training steps in OpenCLIP's train_one_epoch (bf16, fused AdamW, SDPA text attention, fused Swin
 #     attention): samples/s and MFU, eager and compiled, batch 128 and 256, soft and clip loss, texts of real IU
-#     sentences trimmed per batch; last, eager batch 128 with 77-token texts (the old baseline) for comparison.
+#     sentences trimmed per batch; medclip-swin-masked eager batch 128 with the trimmed text tower and then the
+#     padding-free one (--medclip-padding-free), side by side; last, eager batch 128 with 77-token texts (the old
+#     baseline) for comparison.
 #
 #   bash tests/benchmarks/gpu_checks.sh [OUT_DIR]      # default tests/benchmarks/results/gpu_checks
 #
@@ -44,9 +46,11 @@ run loss 60 python3 "$bench/bench_loss.py" --device cuda --repeats 20 --batch-si
     --targets auto dense --local-loss-batch 32768 --world-size 8 --local-repeats 10 \
     --machine "$gpu" --out "$out/bench_loss_gpu.json"
 run eager_b128 70 python3 "$step" --batch-size 128 --loss soft clip
-run eager_b256 75 python3 "$step" --batch-size 256 --loss soft clip
-run compiled_b128 150 python3 "$step" --batch-size 128 --loss soft clip --compile
-run compiled_b256 120 python3 "$step" --batch-size 256 --loss soft clip --compile
+run eager_b256 60 python3 "$step" --batch-size 256 --loss soft clip
+run eager_b128_masked_padding_free 60 python3 "$step" --model medclip-swin-masked --batch-size 128 --loss soft \
+    --padding-free both --steps 20
+run compiled_b128 130 python3 "$step" --batch-size 128 --loss soft clip --compile
+run compiled_b256 100 python3 "$step" --batch-size 256 --loss soft clip --compile
 run eager_b128_padded77 35 python3 "$step" --batch-size 128 --loss soft --text-width padded --steps 20
 
 python3 - "$jsonl" "$out/gpu_checks.json" "$gpu" "$bench" <<'EOF'

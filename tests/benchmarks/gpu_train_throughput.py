@@ -14,6 +14,8 @@ packed with `labels.pack_batch`, each trimmed to its longest sentence rounded up
 widths, as in training. Model FLOPs are counted for each batch with `torch.utils.flop_counter` (matmuls,
 convolutions, attention; forward + backward); MFU = achieved FLOP/s / the GPU's dense bf16 peak (override with
 --peak-tflops). With several `--loss` values the same (compiled) model is timed with each loss in turn.
+`--padding-free on|both` runs the text tower padding-free (models with `medclip_masked_pooler` only; `both` times
+the same model padded, then padding-free, and prints the ratio).
 Swin attention runs through timm's fused kernel (`models.enable_fused_attention`) unless --no-fused-swin.
 Prints one JSON line per loss and a one-line summary each.
 """
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="texts trimmed to each batch's longest sentence (x8), or padded to 77 (old baseline)")
     parser.add_argument("--distinct-batches", type=int, default=8, help="different text batches the steps cycle through")
     parser.add_argument("--iu-reports", type=int, default=None, help="draw sentences from the first N IU reports only")
+    parser.add_argument("--padding-free", choices=("off", "on", "both"), default="off",
+                        help="padding-free text tower (--medclip-padding-free; masked-pooler models); both: off, then on")
     parser.add_argument("--no-fused-swin", action="store_true", help="leave timm's Swin attention unfused")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (as --torchcompile does)")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import open_clip
-    from open_clip_medclip.plugins import openclip_train
+    from open_clip_medclip.plugins import openclip_models, openclip_train
     from open_clip_train.data import DataInfo
     from open_clip_train.params import parse_args
     from open_clip_train.precision import get_autocast
@@ -213,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     step_model = torch.compile(model) if args.compile else model
     peak = peak_tflops(device, args.peak_tflops)
 
-    for loss_kind in args.loss:
+    variants = [(padding_free, loss_kind) for padding_free in {"off": [False], "on": [True], "both": [False, True]}[
+        args.padding_free] for loss_kind in args.loss]
+    rates = {}
+    for padding_free, loss_kind in variants:
+        if padding_free:
+            openclip_models.enable_padding_free_text(model)  # in place: the optimizer's parameters stay the same
         train_args.medclip_loss = loss_kind
         loss_fn = create_medclip_loss(train_args)
         flops = [count_step_flops(model, loss_fn, batch, device, autocast) for batch in batches]
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "loss": loss_kind,
             "text_width": args.text_width,
+            "padding_free": padding_free,
             "widths": widths,
             "mean_width": round(sum(widths) / len(widths), 1),
             "text_attention": text_attention,
@@ -256,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_ms": round(1000 * seconds / args.steps, 2),
             "samples_per_s": round(samples_per_s, 1),
             "model_tflop_per_step": round(work / args.steps / 1e12, 4),
+            "model_flop_per_step": int(work / args.steps),
             "achieved_tflops": round(achieved_tflops, 2),
             "peak_tflops": peak,
             "mfu": round(achieved_tflops / peak, 4) if peak else None,
@@ -267,8 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{100 * result['mfu']:.1f}% MFU of {peak} TFLOP/s" if peak else "MFU n/a (no peak known)"
         print(f"{args.model} on {result['device']} ({args.precision}, batch {args.batch_size}, {loss_kind} loss, "
               f"{'compiled' if args.compile else 'eager'}, texts {args.text_width} (mean width {result['mean_width']})"
+              f"{', padding-free text tower' if padding_free else ''}"
               f"{', channels-last' if args.channels_last else ''}): {result['samples_per_s']} samples/s, "
               f"{result['step_ms']} ms/step, {result['achieved_tflops']} TFLOP/s achieved, {mfu}.")
+        rates[padding_free, loss_kind] = result["samples_per_s"]
+    for loss_kind in args.loss:
+        if (True, loss_kind) in rates and (False, loss_kind) in rates:
+            ratio = rates[True, loss_kind] / rates[False, loss_kind]
+            print(json.dumps({"model": args.model, "loss": loss_kind, "padding_free_over_padded_samples_per_s":
+                              round(ratio, 3)}))
+            print(f"padding-free text tower, {loss_kind} loss: {ratio:.2f}x the samples/s of the trimmed padded tower")
     return 0
 
 

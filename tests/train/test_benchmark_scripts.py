@@ -19,10 +19,15 @@ def test_gpu_throughput_script_runs_a_tiny_cpu_step(capsys):
     script = _load("gpu_train_throughput")
     assert script.main(["--model", "medclip-tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "2",
                         "--steps", "1", "--warmup-steps", "1", "--profile", "1", "--iu-reports", "30",
-                        "--distinct-batches", "2"]) == 0
+                        "--distinct-batches", "2", "--padding-free", "both"]) == 0
     out = capsys.readouterr().out
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    result, free, ratio = lines[0], lines[1], lines[2]
     assert result["samples_per_s"] > 0 and result["model_tflop_per_step"] > 0 and result["mfu"] is None
+    # --padding-free both: the same model timed padded, then padding-free (fewer FLOPs), and the ratio printed
+    assert (result["padding_free"], free["padding_free"]) == (False, True)
+    assert 0 < free["model_flop_per_step"] < result["model_flop_per_step"]
+    assert ratio["padding_free_over_padded_samples_per_s"] > 0 and "padding-free text tower, soft loss" in out
     # real IU sentences, trimmed per batch (a multiple of 8, far below OpenCLIP's 77), SDPA in the text tower
     assert len(result["widths"]) == 2 and all(w % 8 == 0 and w < 77 for w in result["widths"])
     assert result["text_attention"] == "sdpa"

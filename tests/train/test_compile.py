@@ -197,6 +197,11 @@ def test_flops_proxy_counts_trimmed_batches_exactly(tmp_path: Path, capsys):
     # exactness: the per-width text-tower counts used by the proxy equal a direct count of a whole trimmed batch
     check = result["direct_check"]
     assert check["counted"] == check["predicted"]
+    # medclip-tiny's pooler is masked: the padding-free tower is counted too, below trimming, and its per-text cost
+    # model (fitted from one-text counts) equals a direct count of a mixed batch
+    assert per_sample["padding_free"] < per_sample["trimmed"]
+    free_check = result["padding_free"]["direct_check"]
+    assert free_check["counted"] == free_check["predicted"] and len(set(free_check["lengths"])) > 1
     assert "trimmed" in capsys.readouterr().out
     # exact-longest widths (the reference pooler's rule) never cost more than rounding up to 8
     assert bench.main(["--model", "medclip-tiny", "--batches", "4", "--batch-size", "16", "--iu-reports", "60",
