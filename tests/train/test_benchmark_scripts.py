@@ -61,3 +61,13 @@ def test_suite_benchmark_runs_both_ways_and_compares_the_same_tests(tmp_path, ca
     assert results["serial"]["counts"] == results["parallel"]["counts"] and results["serial"]["counts"]["passed"] > 5
     assert len(results["serial"]["runs"]) == 2 and results["parallel"]["runs"][0]["args"][:2] == ["-n", "2"]
     assert results["parallel_over_serial_wall"] > 0 and "parallel / serial wall time" in capsys.readouterr().out
+
+
+def test_text_tower_benchmark_times_three_layouts_with_equal_features(tmp_path, capsys):
+    out = tmp_path / "tower.json"
+    assert _load("bench_text_tower").main(["--model", "medclip-tiny", "--batch-size", "4", "--batches", "1",
+                                           "--repeats", "1", "--iu-reports", "30", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results["time_ratio_over_padded"]) == {"trimmed", "padding_free"}
+    assert results["max_feature_difference"] <= 1e-5 and results["mean_width_trimmed"] % 8 == 0
+    assert "padding-free" in capsys.readouterr().out
