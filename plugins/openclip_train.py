@@ -189,10 +189,10 @@ def model_context_length(model_name: str, force_context_length: int | None = Non
     return int(open_clip.get_tokenizer(model_name).context_length)
 
 
-def is_medclip_config(model_name: str | None) -> bool:
-    """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
+def text_pooler_type(model_name: str | None) -> str | None:
+    """The `hf_pooler_type` of `--model`'s config (OpenCLIP name or `local-dir:`), None if it has none."""
     if not model_name:
-        return False
+        return None
     config = None
     if model_name.startswith("local-dir:"):
         import json
@@ -202,11 +202,15 @@ def is_medclip_config(model_name: str | None) -> bool:
             with open(path) as handle:
                 config = json.load(handle).get("model_cfg")
         except (OSError, ValueError):
-            return False
+            return None
     else:
         config = factory.get_model_config(model_name)
-    pooler = ((config or {}).get("text_cfg") or {}).get("hf_pooler_type")
-    return pooler in ("medclip_pooler", "medclip_masked_pooler")
+    return ((config or {}).get("text_cfg") or {}).get("hf_pooler_type")
+
+
+def is_medclip_config(model_name: str | None) -> bool:
+    """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
+    return text_pooler_type(model_name) in ("medclip_pooler", "medclip_masked_pooler")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -666,6 +670,11 @@ def host_parse_args(original: Callable, argv, namespace: dict):
                   "is not one (open_clip_medclip autoload)", file=sys.stderr)
             raise SystemExit(2)
         return args
+    if medclip_args.medclip_padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
+        print(f"open_clip_train.main: error: --medclip-padding-free: --model {args.model} averages padding in its text "
+              "pooler (medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)",
+              file=sys.stderr)
+        raise SystemExit(2)
     for key, value in vars(medclip_args).items():
         setattr(args, key, value)
     labelled, url = data_has_medclip_labels(args)

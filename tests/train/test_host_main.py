@@ -132,6 +132,16 @@ def test_host_main_medclip_flags_on_other_models_are_a_short_error(tmp_path: Pat
     assert len(wrong.stderr.strip().splitlines()) <= 6, wrong.stderr
 
 
+def test_host_main_padding_free_on_the_reference_pooler_is_a_short_error(tmp_path: Path, small_shards, autoload_env):
+    # medclip-swin's reference pooler averages padding: refused before the (BERT-base) model is built
+    wrong = _host(autoload_env, tmp_path, "--model", "medclip-swin", "--train-data", small_shards["all"],
+                  "--medclip-padding-free", "--logs", str(tmp_path), "--name", "free", *COMMON, timeout=300)
+    assert wrong.returncode == 2
+    assert "--medclip-padding-free: --model medclip-swin averages padding" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) <= 6, wrong.stderr
+    assert not (tmp_path / "free").exists()
+
+
 @pytest.mark.slow
 def test_host_main_clip_flag_trains_infonce_on_medclip_streams(tmp_path: Path, small_shards, autoload_env):
     result = _host(autoload_env, tmp_path, "--model", "medclip-tiny", "--train-data", small_shards["all"],
