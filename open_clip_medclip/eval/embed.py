@@ -93,11 +93,21 @@ def embed_images(model: torch.nn.Module, transform: Callable, paths: Sequence[Pa
 def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], device: str | torch.device = "cpu",
                 batch_size: int = 128, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
                 ) -> np.ndarray:
-    """L2-normalised text embeddings (n, d), in the order of `texts`."""
+    """L2-normalised text embeddings (n, d), in the order of `texts`.
+
+    Text towers whose pooler leaves padding out (`medclip_masked_pooler`) get each batch trimmed to its longest text
+    (rounded up to 8), which gives the same embeddings for less work; others keep the tokenizer's width (MedCLIP's
+    reference pooler averages padding, so its embeddings depend on the width).
+    """
+    from open_clip_medclip.models import MedclipMaskedPooler
+    from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens
+
     model = unwrap(model)
+    multiple = 8 if isinstance(getattr(getattr(model, "text", None), "pooler", None), MedclipMaskedPooler) else 0
+    pad_id = tokenizer_pad_id(tokenizer)
     out = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size]))
+        tokens = trim_tokens(tokenizer(list(texts[start:start + batch_size])), multiple, pad_id)
         with autocast() if autocast else contextlib.nullcontext():
             output = model.encode_text(tokens.to(device))
         out.append(F.normalize(output.float(), dim=-1).cpu().numpy())

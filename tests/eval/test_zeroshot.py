@@ -132,3 +132,35 @@ def test_cli_build_suite_from_csv(tmp_path, tiny_suite, capsys):
     assert cli.main(["build-suite", str(tmp_path / "my.csv"), "--out", str(tmp_path / "built"), "--quiet"]) == 0
     assert '"manifest_sha256"' in capsys.readouterr().out
     assert load_suite(tmp_path / "built").classes == ["No Finding", "Pneumonia"]
+
+
+def test_text_embeddings_of_masked_poolers_are_trimmed_and_equal_the_padded_ones(tiny_model):
+    """Eval trims text batches where that is exact (masked pooler): the text tower sees fewer columns, same result."""
+    import torch
+
+    from open_clip_medclip import models
+    from open_clip_medclip.eval.embed import embed_texts
+
+    model, _, tokenizer = tiny_model
+    texts = ["no pneumothorax .", "small left pleural effusion with basilar atelectasis .", "normal heart size"]
+    widths = []
+    hook = model.text.register_forward_pre_hook(lambda module, inputs: widths.append(inputs[0].shape[1]))
+    try:
+        trimmed = embed_texts(model, tokenizer, texts)
+    finally:
+        hook.remove()
+    assert widths and widths[0] < 77 and widths[0] % 8 == 0
+    with torch.no_grad():
+        padded = torch.nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1).numpy()
+    assert np.abs(trimmed - padded).max() <= 1e-6
+    # the reference pooler averages padding: its texts keep the tokenizer's 77 columns
+    pooler = model.text.pooler
+    model.text.pooler = models.MedclipPooler()
+    widths.clear()
+    hook = model.text.register_forward_pre_hook(lambda module, inputs: widths.append(inputs[0].shape[1]))
+    try:
+        embed_texts(model, tokenizer, texts)
+    finally:
+        hook.remove()
+        model.text.pooler = pooler
+    assert widths == [77]
