@@ -57,18 +57,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import open_clip_medclip  # noqa: F401  (registers the models)
 
+    def training_model_without_dropout():
+        model = open_clip.create_model(args.model)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model.train()
+
     torch.manual_seed(0)
-    padded_model = open_clip.create_model(args.model)
-    for module in padded_model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    padded_model.train()
-    free_model = open_clip.create_model(args.model)
+    padded_model = training_model_without_dropout()
+    free_model = training_model_without_dropout()
     free_model.load_state_dict(padded_model.state_dict())
-    for module in free_model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    free_model.train()
     enable_padding_free_text(free_model)  # refuses models whose pooler averages padding
 
     tokenizer = open_clip.get_tokenizer(args.model)
