@@ -25,8 +25,9 @@ import torch
 from open_clip import factory, hf_model, pretrained
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
-from open_clip_medclip import models, timm_weights
+from open_clip_medclip import models, padding_free, timm_weights
 from open_clip_medclip.download import wrap_download_pretrained
+from open_clip_medclip.errors import UserError
 
 # `open_clip.push_to_hf_hub` is shadowed by the function of that name in open_clip's namespace
 hf_hub_module = importlib.import_module("open_clip.push_to_hf_hub")
@@ -123,8 +124,6 @@ class PaddingFreeTextEncoder(hf_model.HFTextEncoder):
     """OpenCLIP's HF text tower, run padding-free (`padding_free.encode`); set by `enable_padding_free_text`."""
 
     def forward(self, x):
-        from open_clip_medclip import padding_free
-
         result = padding_free.encode(self.transformer, self.pooler, x, self.config.pad_token_id,
                                      with_tokens=self.output_tokens)
         if self.output_tokens:
@@ -138,13 +137,10 @@ def enable_padding_free_text(clip_model: torch.nn.Module) -> torch.nn.Module:
     Only for text towers with `medclip_masked_pooler`, whose embeddings do not depend on padding; MedCLIP's
     reference pooler averages padding positions, so skipping them would change its embeddings.
     """
-    from open_clip_medclip import padding_free
-    from open_clip_medclip.errors import UserError
-
     text = getattr(clip_model, "text", None)
     if isinstance(text, PaddingFreeTextEncoder):
         return clip_model
-    if type(text) is not hf_model.HFTextEncoder or type(getattr(text, "pooler", None)) is not models.MedclipMaskedPooler:
+    if type(text) is not hf_model.HFTextEncoder or not models.pools_without_padding(clip_model):
         pooler = type(getattr(text, "pooler", None)).__name__
         raise UserError(f"--medclip-padding-free needs a Hugging Face text tower with medclip_masked_pooler "
                         f"(the medclip-*-masked models); this model's text pooler is {pooler}")

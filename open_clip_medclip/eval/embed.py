@@ -99,11 +99,11 @@ def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str
     (rounded up to 8), which gives the same embeddings for less work; others keep the tokenizer's width (MedCLIP's
     reference pooler averages padding, so its embeddings depend on the width).
     """
-    from open_clip_medclip.models import MedclipMaskedPooler
+    from open_clip_medclip.models import pools_without_padding
     from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens
 
     model = unwrap(model)
-    multiple = 8 if isinstance(getattr(getattr(model, "text", None), "pooler", None), MedclipMaskedPooler) else 0
+    multiple = 8 if pools_without_padding(model) else 0
     pad_id = tokenizer_pad_id(tokenizer)
     out = []
     for start in range(0, len(texts), batch_size):

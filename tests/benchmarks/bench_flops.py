@@ -118,13 +118,10 @@ class TowerCounter:
         return self._text[width]
 
     def _count_text(self, width: int, batch: int) -> int:
-        tokens = torch.full((batch, width), 1000, dtype=torch.long)
-        tokens[:, 0], tokens[:, -1] = 101, 102
-        self.model.zero_grad(set_to_none=True)
-        return _count(lambda: self.model.encode_text(tokens))
+        return self.packed_text([width] * batch, width)
 
     def packed_text(self, lengths: list[int], width: int) -> int:
-        """Direct count of the padding-free text tower on texts of `lengths` tokens in a batch `width` wide."""
+        """Direct count of the text tower (padding-free once switched on) on texts of `lengths` tokens, `width` wide."""
         tokens = torch.zeros(len(lengths), width, dtype=torch.long)
         for row, length in enumerate(lengths):
             tokens[row, :length] = 1000
@@ -232,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip
 
     import open_clip_medclip  # noqa: F401  (registers the models)
+    from open_clip_medclip import models
     from open_clip_medclip.streams import text_multiple_for
 
     multiple = text_multiple_for(argparse.Namespace(model=args.model, medclip_text_multiple=args.text_multiple))
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     check_width, counted = direct_step_flops(model, tokenizer, sentences, args.check_batch, size, multiple)
     predicted = args.check_batch * (towers.image() + towers.text(check_width)) + loss_flops(model, args.check_batch)
     padding_free = None
-    if getattr(model.text, "pooler", None) is not None and getattr(model.text.pooler, "masked", False):
+    if models.pools_without_padding(model):
         padding_free = padding_free_flops(model, towers, drawn, widths["trimmed"], args.check_batch)
         text_per_sample["padding_free"] = padding_free.pop("text_per_sample")
         per_sample["padding_free"] = image_per_sample + text_per_sample["padding_free"] + loss_per_sample
