@@ -7,7 +7,8 @@ Nothing here touches the network.
 Importing this package is cheap: it imports neither torch nor open_clip. When `open_clip` is already imported
 the models are registered at once; otherwise a one-shot import hook registers them right after `import
 open_clip` finishes (either order works). So `medclip label` and `medclip shards ...` start in a fraction of a
-second, and the public names below (`MedclipPooler`, `MEDCLIP_MEAN`, ...) are imported on first access.
+second, and the public names below (`MedclipPooler`, `MEDCLIP_MEAN`, ...) are imported on first access, among them the
+zero-shot API of `open_clip_medclip.zero_shot` (`prompts`, `ZeroShotClassifier`, `predict`, `heatmap`, ...).
 """
 from __future__ import annotations
 
@@ -27,10 +28,19 @@ _LAZY_NAMES = {
     "MedclipMaskedPooler": "models",
     "MedclipPooler": "models",
     "medclip_image_transform": "models",
+    "ImageClassifier": "zero_shot",
+    "Predictions": "zero_shot",
+    "ZeroShotClassifier": "zero_shot",
+    "build_multilabel_classifier": "zero_shot",
+    "build_zero_shot_classifier": "zero_shot",
+    "heatmap": "zero_shot",
+    "predict": "zero_shot",
+    "prompts": "zero_shot",
 }
 
 __all__ = [
     "CHEXPERT_FINDINGS",
+    "ImageClassifier",
     "MEDCLIP_MEAN",
     "MEDCLIP_PREPROCESS_CFG",
     "MEDCLIP_STD",
@@ -38,7 +48,14 @@ __all__ = [
     "MedclipMaskedPooler",
     "MedclipPooler",
     "NUM_FINDINGS",
+    "Predictions",
+    "ZeroShotClassifier",
+    "build_multilabel_classifier",
+    "build_zero_shot_classifier",
+    "heatmap",
     "medclip_image_transform",
+    "predict",
+    "prompts",
     "register",
 ]
 

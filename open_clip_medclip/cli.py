@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("open_clip_medclip.shards.cli", "build or validate labelled WebDataset shards"),
     "train": ("open_clip_medclip.train", "train inside OpenCLIP's trainer with the semantic matching loss"),
     "eval": ("open_clip_medclip.eval.cli", "zero-shot, retrieval and linear-probe evaluation"),
+    "predict": ("open_clip_medclip.predict_cli", "zero-shot predictions (and heatmaps) for your own X-ray files"),
     "demo": ("open_clip_medclip.demo", "label, shard, train and evaluate on the bundled real sample"),
 }
 # Subcommands whose own parser also takes --debug (OpenCLIP's trainer: debug logging); it is passed on to them.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from open_clip_medclip.eval.suites import load_image
+from open_clip_medclip.shards.images import ImageRejected
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,6 +48,8 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             return self.transform(load_image(self.paths[index])), index, ""
+        except ImageRejected as exc:  # the shared decoder's verdict, with its reason code
+            return None, index, f"{exc.reason}: {exc.detail}"
         except Exception as exc:  # a decoder error: the image is reported and left out, not fatal
             return None, index, f"{type(exc).__name__}: {exc}"
 
@@ -56,6 +59,24 @@ def _collate(batch):
     failed = [(index, error) for tensor, index, error in batch if tensor is None]
     images = torch.stack([tensor for tensor, _ in kept]) if kept else None
     return images, [index for _, index in kept], failed
+
+
+def image_batches(paths: Sequence[Path], transform: Callable, batch_size: int = 32, num_workers: int = 0
+                  ) -> Iterator[tuple[torch.Tensor | None, list[int], list[dict]]]:
+    """(preprocessed batch or None, positions kept, failures [{index, image, error}]) per batch of `paths`, decoded
+    by the shard builder's decoder in `num_workers` loader processes; an undecodable file is a failure, not fatal."""
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_collate)
+    for images, indices, failed in loader:
+        yield images, indices, [{"index": index, "image": str(paths[index]), "error": error} for index, error in failed]
+
+
+def encode_normalized(model: torch.nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+                      autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+    """L2-normalised float32 image embeddings of a preprocessed batch (on `device`)."""
+    with autocast() if autocast else contextlib.nullcontext():
+        output = model.encode_image(images.to(device=device, dtype=_input_dtype(model)))
+    return F.normalize(output.float(), dim=-1)
 
 
 def _input_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -73,17 +94,14 @@ def embed_images(model: torch.nn.Module, transform: Callable, paths: Sequence[Pa
     from tqdm import tqdm
 
     model = unwrap(model)
-    dtype = _input_dtype(model)
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate)
     features, kept, failures = [], [], []
-    for images, indices, failed in tqdm(loader, desc="images", disable=not progress, unit="batch"):
-        failures += [{"index": index, "image": str(paths[index]), "error": error} for index, error in failed]
+    batches = image_batches(paths, transform, batch_size, num_workers)
+    for images, indices, failed in tqdm(batches, desc="images", disable=not progress, unit="batch",
+                                        total=-(-len(paths) // batch_size)):
+        failures += failed
         if images is None:
             continue
-        with autocast() if autocast else contextlib.nullcontext():
-            output = model.encode_image(images.to(device=device, dtype=dtype))
-        features.append(F.normalize(output.float(), dim=-1).cpu().numpy())
+        features.append(encode_normalized(model, images, device, autocast).cpu().numpy())
         kept += indices
     width = features[0].shape[1] if features else 0
     return (np.concatenate(features) if features else np.zeros((0, width), np.float32)), np.array(kept, np.int64), failures

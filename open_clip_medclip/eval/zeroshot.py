@@ -24,7 +24,36 @@ from open_clip_medclip.eval.prompts import chexzero_pairs, load_prompt_set, prom
 from open_clip_medclip.eval.suites import Suite, SuiteEntry, load_suite, suite_prompts
 
 ENSEMBLES = ("logit", "embed", "max")
+LINEAR_ENSEMBLES = ("logit", "embed")
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "auc")
+
+
+def ensemble_weights(prompt_features: Sequence[np.ndarray], ensemble: str = "logit") -> np.ndarray:
+    """(d, C) class weights of a linear ensemble: `logit` = mean of the normalised prompt embeddings, `embed` = that
+    mean re-normalised. `max` is not linear in the image embedding, so it has no weight matrix."""
+    if ensemble not in LINEAR_ENSEMBLES:
+        raise ValueError(f"ensemble {ensemble!r} has no class weight matrix; use one of {LINEAR_ENSEMBLES}")
+    columns = []
+    for feats in prompt_features:
+        mean = feats.mean(axis=0)
+        columns.append(mean / np.linalg.norm(mean) if ensemble == "embed" else mean)
+    return np.stack(columns, axis=1)
+
+
+def pair_weights(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """(d, C) weights whose logit is a finding's positive minus negative prompt logit (CheXzero pairs): its sigmoid
+    is the softmax over the (positive, negative) pair."""
+    return (positive - negative).T
+
+
+def linear_logits(image_features, weights, scale: float):
+    """The one scoring rule: scale x (normalised image features @ class weights). numpy or torch alike, so
+    `medclip eval zeroshot`, `medclip predict`, the Python API and CLIP_benchmark's AUROC all score through it."""
+    return scale * (image_features @ weights)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
 
 
 def class_scores(image_features: np.ndarray, prompt_features: Sequence[np.ndarray], ensemble: str = "logit",
@@ -32,24 +61,15 @@ def class_scores(image_features: np.ndarray, prompt_features: Sequence[np.ndarra
     """(n, C) logits from normalised image features and each class's normalised prompt features."""
     if ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {ENSEMBLES}")
-    columns = []
-    for feats in prompt_features:
-        if ensemble == "max":
-            columns.append((image_features @ feats.T).max(axis=1))
-            continue
-        mean = feats.mean(axis=0)
-        if ensemble == "embed":
-            mean = mean / np.linalg.norm(mean)
-        columns.append(image_features @ mean)
-    return scale * np.stack(columns, axis=1)
+    if ensemble == "max":
+        return scale * np.stack([(image_features @ feats.T).max(axis=1) for feats in prompt_features], axis=1)
+    return linear_logits(image_features, ensemble_weights(prompt_features, ensemble), scale)
 
 
 def pair_probabilities(image_features: np.ndarray, positive: np.ndarray, negative: np.ndarray,
                        scale: float = 100.0) -> np.ndarray:
     """(n, C) CheXzero probabilities: softmax over each finding's (positive, negative) prompt logits."""
-    pos = scale * image_features @ positive.T
-    neg = scale * image_features @ negative.T
-    return 1.0 / (1.0 + np.exp(neg - pos))
+    return sigmoid(linear_logits(image_features, pair_weights(positive, negative), scale))
 
 
 @dataclass
