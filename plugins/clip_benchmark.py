@@ -12,6 +12,10 @@ the version to install):
   says so on stderr. An explicit `--custom_template_file` still wins (CLIP_benchmark applies it afterwards).
 - `clip_benchmark.metrics.zeroshot_classification.evaluate`: with fewer than 5 classes CLIP_benchmark reports
   `acc5: NaN` (invalid JSON); the hook leaves NaN metrics out of the result and says which.
+- `clip_benchmark.metrics.zeroshot_classification.run_classification`: wrapped to keep the per-image logits and
+  targets it returns, so that `evaluate` adds per-class and macro AUROC (`auroc_macro`, `auroc_per_class`, and
+  `auroc` for two classes; multi-label datasets per label) computed by `eval.zeroshot.auroc_summary`, the metric
+  code of `medclip eval zeroshot`, on the logits rescaled from CLIP_benchmark's fixed 100 to the model's own scale.
 - `clip_benchmark.metrics.zeroshot_classification.accuracy`: 1.6's version calls `float()` on a 1-element array,
   a TypeError under numpy >= 2.4; replaced by the same computation with `.item()`.
 
@@ -155,12 +159,39 @@ def _wrap_build_wds_dataset(original):
     return build_wds_dataset
 
 
+_LAST_CLASSIFICATION: list = []  # (logits, targets) of the run_classification call inside the current evaluate
+
+
+def _wrap_run_classification(original):
+    @functools.wraps(original)
+    def run_classification(*args, **kwargs):
+        result = original(*args, **kwargs)
+        _LAST_CLASSIFICATION[:] = [result]
+        return result
+
+    setattr(run_classification, _HOOKED, True)
+    return run_classification
+
+
+def _auroc(model, classnames) -> dict:
+    """AUROC entries from the logits of the classification that just ran ({} when there were none)."""
+    if not _LAST_CLASSIFICATION:
+        return {}
+    from open_clip_medclip.eval.embed import logit_scale
+    from open_clip_medclip.eval.zeroshot import auroc_summary
+
+    logits, targets = _LAST_CLASSIFICATION.pop()
+    return auroc_summary(targets.cpu().numpy(), logits.float().cpu().numpy(), list(classnames), logit_scale(model))
+
+
 def _wrap_evaluate(original):
     @functools.wraps(original)
-    def evaluate(*args, **kwargs):
-        metrics = original(*args, **kwargs)
+    def evaluate(model, dataloader, tokenizer, classnames, *args, **kwargs):
+        _LAST_CLASSIFICATION.clear()
+        metrics = original(model, dataloader, tokenizer, classnames, *args, **kwargs)
         if not isinstance(metrics, dict):
             return metrics
+        metrics.update(_auroc(model, classnames))
         dropped = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
         if dropped:
             print(f"open_clip_medclip: {', '.join(dropped)} left out of the results (undefined here, e.g. acc5 "
@@ -183,15 +214,17 @@ setattr(_accuracy, _HOOKED, True)
 
 
 def install_hooks() -> None:
-    """Install the wds-prompt and no-NaN hooks into CLIP_benchmark (idempotent, safe during its own import)."""
+    """Install the wds-prompt, AUROC and no-NaN hooks into CLIP_benchmark (idempotent, safe during its own import)."""
     import clip_benchmark.datasets.builder as builder
     import clip_benchmark.metrics.zeroshot_classification as zeroshot
 
-    _require({builder: ("build_wds_dataset", "build_dataset"), zeroshot: ("evaluate", "accuracy")})
+    _require({builder: ("build_wds_dataset", "build_dataset"), zeroshot: ("evaluate", "accuracy", "run_classification")})
     if not getattr(builder.build_wds_dataset, _HOOKED, False):
         builder.build_wds_dataset = _wrap_build_wds_dataset(builder.build_wds_dataset)
     if not getattr(zeroshot.evaluate, _HOOKED, False):
         zeroshot.evaluate = _wrap_evaluate(zeroshot.evaluate)
+    if not getattr(zeroshot.run_classification, _HOOKED, False):
+        zeroshot.run_classification = _wrap_run_classification(zeroshot.run_classification)
     zeroshot.accuracy = _accuracy  # `evaluate` looks it up at call time
 
 

@@ -72,6 +72,26 @@ def pair_probabilities(image_features: np.ndarray, positive: np.ndarray, negativ
     return sigmoid(linear_logits(image_features, pair_weights(positive, negative), scale))
 
 
+CLIP_BENCHMARK_SCALE = 100.0  # CLIP_benchmark's fixed logit scale (`100. * image_features @ classifier`)
+
+
+def auroc_summary(targets: np.ndarray, logits: np.ndarray, classes: Sequence[str], scale: float,
+                  logits_scale: float = CLIP_BENCHMARK_SCALE) -> dict:
+    """Flat AUROC entries for a results file whose `logits` were computed at `logits_scale` (CLIP_benchmark: 100):
+    rescaled to the model's own `scale`, they are exactly `medclip eval zeroshot`'s scores, so the AUROCs (OvR on
+    softmax for single-label targets (n,), per label for multi-label targets (n, C)) equal its AUCs.
+    Keys: `auroc_macro`, `auroc_per_class` {class: value} and, for two classes, `auroc` (class 1 positive)."""
+    scores = np.asarray(logits, dtype=np.float64) * (scale / logits_scale)
+    targets = np.asarray(targets)
+    metrics = (multilabel_auc(targets, scores, classes, 0) if targets.ndim == 2
+               else classification_metrics(targets, scores, classes, 0))
+    out = {"auroc_macro": metrics["macro_auc"]["value"],
+           "auroc_per_class": {c: metrics["per_class"][c]["auc"]["value"] for c in classes}}
+    if "auc" in metrics:
+        out["auroc"] = metrics["auc"]["value"]
+    return out
+
+
 @dataclass
 class ZeroShotResult:
     """Metrics (JSON-able) plus what plots need: embeddings, targets and scores of the images kept."""

@@ -39,6 +39,16 @@ def harness_embed(suite: Path, checkpoint: Path, out: Path) -> dict:
     return json.loads((out / load_suite(suite).name / "zeroshot.json").read_text())
 
 
+def assert_same_auroc(ours: dict, theirs: dict) -> None:
+    """CLIP_benchmark's AUROC entries equal `medclip eval zeroshot`'s AUCs to 1e-6 (same checkpoint and suite)."""
+    assert abs(theirs["auroc_macro"] - ours["macro_auc"]["value"]) < 1e-6
+    assert abs(theirs["auroc"] - ours["auc"]["value"]) < 1e-6
+    assert set(theirs["auroc_per_class"]) == set(ours["per_class"])
+    for cls, value in theirs["auroc_per_class"].items():
+        assert abs(value - ours["per_class"][cls]["auc"]["value"]) < 1e-6
+    assert 0.0 < theirs["auroc_macro"] < 1.0
+
+
 def test_plugin_registers_the_model_type():
     import clip_benchmark.models as cb_models
     from open_clip_medclip.plugins import clip_benchmark as glue
@@ -83,10 +93,12 @@ def test_front_door_default_workers_agrees_with_the_harness(tiny_suite, prompt_s
     assert code == 0
     result = strict_json(out)
     assert result["templates"] == suite_prompts(load_suite(tiny_suite).definition)
-    assert set(result["metrics"]) == {"acc1", "mean_per_class_recall"}  # acc5 is undefined with 2 classes
+    # acc5 is undefined with 2 classes; AUROC is added by our hook
+    assert set(result["metrics"]) == {"acc1", "mean_per_class_recall", "auroc", "auroc_macro", "auroc_per_class"}
     ours = harness_embed(tiny_suite, prompt_sensitive_checkpoint, tmp_path / "harness")
     assert ours["accuracy"]["value"] == pytest.approx(result["metrics"]["acc1"])
     assert ours["balanced_accuracy"]["value"] == pytest.approx(result["metrics"]["mean_per_class_recall"])
+    assert_same_auroc(ours, result["metrics"])
     # the same class embeddings as our `embed` ensemble (mean of normalised prompt embeddings, renormalised)
     import open_clip
 
@@ -137,3 +149,4 @@ def test_plain_clip_benchmark_cli_reads_the_suite_prompts(tiny_suite, prompt_sen
     ours = harness_embed(tiny_suite, prompt_sensitive_checkpoint, tmp_path / "harness")
     assert ours["accuracy"]["value"] == pytest.approx(result["metrics"]["acc1"])
     assert ours["balanced_accuracy"]["value"] == pytest.approx(result["metrics"]["mean_per_class_recall"])
+    assert_same_auroc(ours, result["metrics"])
