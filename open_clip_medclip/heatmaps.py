@@ -97,5 +97,5 @@ def overlay_png(image: np.ndarray, share: np.ndarray) -> bytes:
     blue = np.where(signed < 0, 1.0, 0.0)
     rgb = np.stack([gray * (1 - alpha) + red * alpha, gray * (1 - alpha), gray * (1 - alpha) + blue * alpha], axis=-1)
     buffer = io.BytesIO()
-    Image.fromarray(np.round(rgb * 255).astype(np.uint8), mode="RGB").save(buffer, format="PNG")
+    Image.fromarray(np.round(rgb * 255).astype(np.uint8), mode="RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

@@ -17,7 +17,7 @@ Outputs (each written atomically: a killed run leaves the previous files, never 
   device, counts;
 - `<out stem>.rejects.csv`: every input that could not be predicted, with the reason (empty file, not an image,
   corrupt, unreadable DICOM, missing);
-- `--heatmaps DIR`: per image, `<n>_<name>.npz` (the exact per-location logit shares on the feature grid, which
+- `--heatmaps DIR` (staged, moved in when the run succeeds): per image, `<n>_<name>.npz` (the exact per-location logit shares on the feature grid, which
   average to the logits) and one PNG per class drawn over the model's input.
 
 Exit codes: 0 every input predicted; 2 bad invocation (unknown model, finding or prompt set, no inputs, a path given
@@ -30,6 +30,7 @@ logits(images), provenance()), so a fine-tuned head can take the zero-shot class
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -207,28 +208,25 @@ def _input_image(tensor, mean: float, std: float):
 
 
 class HeatmapWriter:
-    """Per image: `<n>_<name>.npz` (exact shares on the feature grid, classes, logits) and a PNG per class."""
+    """Per image: `<n>_<name>.npz` (exact shares on the feature grid, classes, logits) and a PNG per class, written
+    into a staging folder whose files replace those of the heatmap folder only when the run succeeds."""
 
     def __init__(self, folder: Path, classes: list[str], preprocess_cfg: dict):
         self.folder, self.classes = folder, classes
         self.mean, self.std = float(preprocess_cfg["mean"][0]), float(preprocess_cfg["std"][0])
-        folder.mkdir(parents=True, exist_ok=True)
+        self.stage: Path | None = None
 
     def write(self, index: int, path: Path, image, shares, logits) -> None:
-        import io
-
         import numpy as np
 
         from open_clip_medclip.heatmaps import overlay_png, upsample
 
         stem = f"{index:05d}_{_slug(path.stem)}"
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, shares=shares, logits=logits, classes=np.array(self.classes))
-        atomic.write_bytes(self.folder / f"{stem}.npz", buffer.getvalue())
+        np.savez(self.stage / f"{stem}.npz", shares=shares, logits=logits, classes=np.array(self.classes))
         picture = _input_image(image, self.mean, self.std)
         drawn = upsample(shares, picture.shape)
         for c, cls in enumerate(self.classes):
-            atomic.write_bytes(self.folder / f"{stem}__{_slug(cls)}.png", overlay_png(picture, drawn[c]))
+            (self.stage / f"{stem}__{_slug(cls)}.png").write_bytes(overlay_png(picture, drawn[c]))
 
 
 def run_predictions(classifier, paths: list[Path], preprocess, batch_size: int = 32, workers: int = 0,
@@ -239,8 +237,13 @@ def run_predictions(classifier, paths: list[Path], preprocess, batch_size: int =
 
     from open_clip_medclip.eval.embed import image_batches
 
+    from open_clip_medclip.eval.cli import staged_outputs
+
     logits, kept, rejects = [], [], []
-    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+    staging = staged_outputs(heatmaps.folder.parent, heatmaps.folder.name) if heatmaps else contextlib.nullcontext()
+    with staging as stage, tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+        if heatmaps is not None:
+            heatmaps.stage = stage
         for images, indices, failed in image_batches(paths, preprocess, batch_size, workers):
             rejects += failed
             if images is not None:

@@ -260,9 +260,11 @@ class Predictions:
 
 def default_preprocess(model: nn.Module) -> Callable:
     """The model's OpenCLIP validation transform (what `create_model_and_transforms` returns third)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+    import open_clip
 
-    return image_transform_v2(PreprocessCfg(**unwrap(model).visual.preprocess_cfg), is_train=False)
+    cfg = dict(unwrap(model).visual.preprocess_cfg)
+    keys = ("mean", "std", "resize_mode", "interpolation", "fill_color")
+    return open_clip.image_transform(cfg["size"], is_train=False, **{k: cfg[k] for k in keys if k in cfg})
 
 
 def _as_paths(images) -> list[Path] | None:
