@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    parser.add_argument("--max-images", type=int, default=None, help="predict only the first N inputs (smoke runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -140,6 +141,8 @@ def check_task(args: argparse.Namespace) -> None:
             raise unknown_name_error("finding", name, CHEXPERT_FINDINGS, "use the CheXpert names, e.g. 'Pleural Effusion'")
     if args.prompts_per_class is not None and args.prompts_per_class < 1:
         raise UserError(f"--prompts-per-class {args.prompts_per_class}: must be at least 1")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max-images {args.max_images}: must be at least 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.classes or args.prompts:
@@ -235,9 +238,8 @@ def run_predictions(classifier, paths: list[Path], preprocess, batch_size: int =
     import numpy as np
     from tqdm import tqdm
 
-    from open_clip_medclip.eval.embed import image_batches
-
     from open_clip_medclip.eval.cli import staged_outputs
+    from open_clip_medclip.eval.embed import image_batches
 
     logits, kept, rejects = [], [], []
     staging = staged_outputs(heatmaps.folder.parent, heatmaps.folder.name) if heatmaps else contextlib.nullcontext()
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
     check_task(args)
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs)[:args.max_images]
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     out = Path(args.out)
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     atomic.write_text(out.with_suffix(".json"), json.dumps(provenance, indent=2, ensure_ascii=False) + "\n")
     print(f"medclip predict: {len(rows)} of {len(paths)} image(s) predicted ({classifier.provenance().get('task', '')}"
-          f" over {len(classes)} classes) -> {out} (provenance {out.with_suffix('.json')})"
+          f" over {len(classes)} class(es)) -> {out} (provenance {out.with_suffix('.json')})"
           + (f"; heatmaps in {args.heatmaps}" if args.heatmaps else ""))
     if rejects:
         shown = ", ".join(f"{Path(r['image']).name} ({_reason(r['error'])})" for r in rejects[:5])

@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from open_clip_medclip.eval.embed import embed_texts, encode_normalized, image_batches, logit_scale, unwrap
+from open_clip_medclip.eval.embed import (
+    embed_texts,
+    encode_normalized,
+    evaluation_mode,
+    image_batches,
+    logit_scale,
+    unwrap,
+)
 from open_clip_medclip.eval.metrics import softmax
 from open_clip_medclip.eval.prompts import (
     available_prompt_sets,
@@ -124,7 +131,8 @@ def build_zero_shot_classifier(model: nn.Module, tokenizer: Callable, class_prom
 
     def compute() -> np.ndarray:
         texts = [t for c in classes for t in class_prompts[c]]
-        feats = embed_texts(model, tokenizer, texts, device)
+        with evaluation_mode(model):
+            feats = embed_texts(model, tokenizer, texts, device)
         bounds = np.cumsum([0] + [len(class_prompts[c]) for c in classes])
         return ensemble_weights([feats[a:b] for a, b in zip(bounds[:-1], bounds[1:])], ensemble)
 
@@ -148,8 +156,9 @@ def build_multilabel_classifier(model: nn.Module, tokenizer: Callable,
     device = device or _device_of(model)
 
     def compute() -> np.ndarray:
-        pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device)
-        neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device)
+        with evaluation_mode(model):
+            pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device)
+            neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device)
         return pair_weights(pos, neg)
 
     key = ("pairs", prompts_hash(pairs), id(tokenizer))
@@ -213,11 +222,13 @@ class ZeroShotClassifier(nn.Module):
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self(images)
+        """Inference logits: the model in eval mode (no dropout / drop-path), its previous mode restored."""
+        with evaluation_mode(self.model):
+            return self(images)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self(images)
+        logits = self.logits(images)
         return logits.softmax(-1) if self.activation == "softmax" else logits.sigmoid()
 
     @torch.no_grad()
@@ -225,7 +236,8 @@ class ZeroShotClassifier(nn.Module):
         """(n, C, h, w) additive shares: their mean over locations is each class's logit (see `heatmap`)."""
         from open_clip_medclip.heatmaps import logit_shares
 
-        return logit_shares(self.model, images.to(self.weights.device), self.weights, self.scale)
+        with evaluation_mode(self.model):
+            return logit_shares(self.model, images.to(self.weights.device), self.weights, self.scale)
 
     def provenance(self) -> dict:
         return {"classifier": "zero-shot", "classes": self.classes, "activation": self.activation,

@@ -93,6 +93,26 @@ def test_api_on_real_images_and_additive_heatmaps(which, tiny_model, demo_model)
         assert shares.std(dim=(2, 3)).min() > 0  # locations differ: a map, not a constant
     one = mc.heatmap(model, classifier, NIH[0], preprocess)
     assert np.allclose(one.mean(axis=(1, 2)), result.logits[0], atol=1e-5)
+    assert np.allclose(mc.predict(model, NIH[:2], classifier).logits, result.logits[:2], atol=1e-6)  # default preprocess
+
+
+def test_inference_runs_in_eval_mode_whatever_the_model_mode(tiny_model):
+    from open_clip_medclip import zero_shot
+
+    model, preprocess, tokenizer = tiny_model
+    reference = mc.predict(model, NIH[:2], mc.ZeroShotClassifier.from_prompts(model, tokenizer, PROMPTS),
+                           preprocess=preprocess).logits
+    zero_shot._TEXT_CACHE.clear()
+    model.train()  # as `create_model_and_transforms` may hand it over: dropout on
+    try:
+        classifier = mc.ZeroShotClassifier.from_prompts(model, tokenizer, PROMPTS)
+        again = mc.predict(model, NIH[:2], classifier, preprocess=preprocess).logits
+        shares = classifier.heatmaps(torch.stack([preprocess(load_image(p)) for p in NIH[:2]]))
+        assert model.training  # the caller's mode is restored
+    finally:
+        model.eval()
+    np.testing.assert_allclose(again, reference, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(shares.mean(dim=(2, 3)).numpy(), reference, atol=1e-5, rtol=0)
 
 
 def test_heatmaps_refuse_towers_where_pooling_and_projection_do_not_commute(tiny_model):
