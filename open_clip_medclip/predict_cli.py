@@ -46,6 +46,7 @@ REJECTED_EXIT_CODE = 3
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"})
 LIST_SUFFIXES = frozenset({".csv", ".txt"})
 LIST_COLUMNS = ("path", "image", "file", "filename")
+MIN_DRAWN_SIDE = 256  # heatmap PNGs are drawn at least this large
 VERSIONED = ("open_clip_medclip", "open_clip_torch", "torch", "torchvision", "timm", "transformers", "numpy",
              "pillow", "pydicom")
 
@@ -227,6 +228,9 @@ class HeatmapWriter:
         stem = f"{index:05d}_{_slug(path.stem)}"
         np.savez(self.stage / f"{stem}.npz", shares=shares, logits=logits, classes=np.array(self.classes))
         picture = _input_image(image, self.mean, self.std)
+        if max(picture.shape) < MIN_DRAWN_SIDE:  # small model inputs (128 px) are drawn larger, to be readable
+            factor = -(-MIN_DRAWN_SIDE // max(picture.shape))
+            picture = upsample(picture[None], (picture.shape[0] * factor, picture.shape[1] * factor))[0].clip(0, 1)
         drawn = upsample(shares, picture.shape)
         for c, cls in enumerate(self.classes):
             (self.stage / f"{stem}__{_slug(cls)}.png").write_bytes(overlay_png(picture, drawn[c]))

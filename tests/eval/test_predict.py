@@ -220,6 +220,7 @@ def test_cli_names_rejects_and_predicts_the_rest(tiny_checkpoint, tmp_path, caps
     assert provenance["classifier"]["task"] == "multi-label" and len(provenance["classifier"]["prompts_sha256"]) == 64
     maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert len([m for m in maps if m.endswith(".npz")]) == 3 and len([m for m in maps if m.endswith(".png")]) == 6
+    assert Image.open(tmp_path / "maps" / next(m for m in maps if m.endswith(".png"))).size == (256, 256)
     saved = np.load(tmp_path / "maps" / next(m for m in maps if m.endswith(".npz")))
     assert np.allclose(saved["shares"].mean(axis=(1, 2)), saved["logits"], atol=1e-5)
 
@@ -237,6 +238,10 @@ def test_cli_exit_codes_and_bad_invocations(tiny_checkpoint, tmp_path):
     assert list(read_rows(out)[0]) == ["path", "Edema", "Atelectasis", "top_class"]
     assert json.loads(out.with_suffix(".json").read_text())["classifier"]["prompt_set"] == "chexpert"
     assert read_rows(predict_cli.rejects_path(out)) == []
+    (tmp_path / "list.csv").write_text("id,image\nx,clean/a.jpg\ny,clean/missing.jpg\n")  # relative to the list
+    assert medclip(["predict", str(tmp_path / "list.csv"), *common]) == 3
+    assert [Path(r["path"]).name for r in read_rows(out)] == ["a.jpg"]
+    assert [r["reason"] for r in read_rows(predict_cli.rejects_path(out))] == ["missing_image"]
     assert medclip(["predict", str(tmp_path / "missing"), *common]) == 2
     assert medclip(["predict", str(folder), *common, "--findings", "Edemaa"]) == 2
     assert medclip(["predict", str(folder), *common, "--prompts", "nope"]) == 2
