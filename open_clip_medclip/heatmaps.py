@@ -90,12 +90,10 @@ def overlay_png(image: np.ndarray, share: np.ndarray) -> bytes:
     from PIL import Image
 
     limit = float(np.abs(share).max()) or 1.0
-    signed = np.clip(share / limit, -1.0, 1.0)
-    gray = np.clip(image, 0.0, 1.0)
+    signed = np.clip(share.astype(np.float32) / limit, -1.0, 1.0)
     alpha = 0.6 * np.abs(signed)
-    red = np.where(signed > 0, 1.0, 0.0)
-    blue = np.where(signed < 0, 1.0, 0.0)
-    rgb = np.stack([gray * (1 - alpha) + red * alpha, gray * (1 - alpha), gray * (1 - alpha) + blue * alpha], axis=-1)
+    base = np.clip(image.astype(np.float32), 0.0, 1.0) * (1 - alpha)
+    rgb = np.stack([base + alpha * (signed > 0), base, base + alpha * (signed < 0)], axis=-1)
     buffer = io.BytesIO()
-    Image.fromarray(np.round(rgb * 255).astype(np.uint8), mode="RGB").save(buffer, format="PNG", compress_level=1)
+    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8), mode="RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

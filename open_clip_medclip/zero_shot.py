@@ -19,7 +19,6 @@ its `heatmaps(images)` draws each class's additive share of the logit (see `open
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,37 +106,24 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-# Text weights are computed once per (model, prompts, ensemble) and reused (`predict` called in a loop, the CLI).
-_TEXT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cached(model: nn.Module, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    table = _TEXT_CACHE.setdefault(model, {})
-    if key not in table:
-        table[key] = compute()
-    return table[key]
-
-
 @torch.no_grad()
 def build_zero_shot_classifier(model: nn.Module, tokenizer: Callable, class_prompts: Mapping[str, Sequence[str]],
                                ensemble: str = "logit", device: str | torch.device | None = None) -> torch.Tensor:
     """(dim, classes) weights from class-specific prompts: `logit` = MedCLIP's `PromptClassifier(ensemble=True)`
-    (mean of normalised prompt embeddings), `embed` = OpenCLIP's (that mean re-normalised)."""
+    (mean of normalised prompt embeddings), `embed` = OpenCLIP's (that mean re-normalised). Computed once per call:
+    keep the result (or a `ZeroShotClassifier`) to score any number of images without touching the text tower."""
     if ensemble not in LINEAR_ENSEMBLES:
         raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {LINEAR_ENSEMBLES}")
     model = unwrap(model)
     device = device or _device_of(model)
     classes = list(class_prompts)
 
-    def compute() -> np.ndarray:
-        texts = [t for c in classes for t in class_prompts[c]]
-        with evaluation_mode(model):
-            feats = embed_texts(model, tokenizer, texts, device)
-        bounds = np.cumsum([0] + [len(class_prompts[c]) for c in classes])
-        return ensemble_weights([feats[a:b] for a, b in zip(bounds[:-1], bounds[1:])], ensemble)
-
-    key = ("class", ensemble, prompts_hash(class_prompts), id(tokenizer))
-    return torch.from_numpy(_cached(model, key, compute)).to(device)
+    texts = [t for c in classes for t in class_prompts[c]]
+    with evaluation_mode(model):
+        feats = embed_texts(model, tokenizer, texts, device)
+    bounds = np.cumsum([0] + [len(class_prompts[c]) for c in classes])
+    weights = ensemble_weights([feats[a:b] for a, b in zip(bounds[:-1], bounds[1:])], ensemble)
+    return torch.from_numpy(weights).to(device)
 
 
 @torch.no_grad()
@@ -155,14 +141,10 @@ def build_multilabel_classifier(model: nn.Module, tokenizer: Callable,
     model = unwrap(model)
     device = device or _device_of(model)
 
-    def compute() -> np.ndarray:
-        with evaluation_mode(model):
-            pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device)
-            neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device)
-        return pair_weights(pos, neg)
-
-    key = ("pairs", prompts_hash(pairs), id(tokenizer))
-    return torch.from_numpy(_cached(model, key, compute)).to(device)
+    with evaluation_mode(model):
+        pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device)
+        neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device)
+    return torch.from_numpy(pair_weights(pos, neg)).to(device)
 
 
 @runtime_checkable

