@@ -29,6 +29,10 @@ from open_clip_medclip.errors import UserError, did_you_mean, resolve_device
 from open_clip_medclip.labels import TRAINING_POLICIES
 from open_clip_medclip.loss import LABEL_SIMILARITIES, LOSS_KINDS
 
+# Defaults of the --medclip-shard-* options, sized for object stores: a failing shard is read 5 times within
+# ~15 s of backoff (1+2+4+8), a read stalled for 30 s fails, and a dead source stops the run within about a minute.
+SHARD_FAILURE_DEFAULTS = {"retries": 4, "timeout": 30.0, "backoff": 1.0, "max_failures": 3, "max_skipped": 0.05}
+
 
 def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `--medclip-*` flags, shared by `medclip train` and plain `open_clip_train.main` with the autoload."""
@@ -122,6 +126,31 @@ def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="SUITE",
         help="built evaluation suite (folder from `medclip eval build-suite`, repeatable) evaluated zero-shot on the "
         "master rank every --zeroshot-frequency epochs and at the end; metrics go to results.jsonl and tb/wandb",
+    )
+    # Failing shard sources (http(s), pipe:, fsspec URLs): bounded retries, then a clean stop (streams.ShardFailurePolicy)
+    shard_defaults = SHARD_FAILURE_DEFAULTS
+    group.add_argument(
+        "--medclip-shard-retries", type=int, default=shard_defaults["retries"], metavar="N",
+        help=f"re-reads of a remote shard whose read fails (default {shard_defaults['retries']}), waiting "
+        "--medclip-shard-backoff, then 2x, 4x ... seconds; samples already delivered are not repeated",
+    )
+    group.add_argument(
+        "--medclip-shard-timeout", type=float, default=shard_defaults["timeout"], metavar="SECONDS",
+        help=f"an http(s) shard read that gets no byte for this long fails (default {shard_defaults['timeout']:g})",
+    )
+    group.add_argument(
+        "--medclip-shard-backoff", type=float, default=shard_defaults["backoff"], metavar="SECONDS",
+        help=f"wait before the first retry, doubled at each next one, at most 60 (default {shard_defaults['backoff']:g})",
+    )
+    group.add_argument(
+        "--medclip-shard-max-failures", type=int, default=shard_defaults["max_failures"], metavar="N",
+        help=f"stop the run when N remote shards in a row fail after their retries (default "
+        f"{shard_defaults['max_failures']}); exit code 3, checkpoints kept, continue with --resume latest",
+    )
+    group.add_argument(
+        "--medclip-shard-max-skipped", type=float, default=shard_defaults["max_skipped"], metavar="FRACTION",
+        help=f"stop the run when a loader worker skips more than this fraction of its shards in an epoch (default "
+        f"{shard_defaults['max_skipped']:g}; with few shards per worker, one failed shard stops it)",
     )
     return parser
 

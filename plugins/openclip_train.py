@@ -55,7 +55,7 @@ from open_clip_medclip import checkpoints, labels
 from open_clip_medclip.augment import medclip_train_transform
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
-from open_clip_medclip.streams import get_medclip_wds_dataset
+from open_clip_medclip.streams import ShardSourceError, get_medclip_wds_dataset
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -454,8 +454,10 @@ class _Run:
     crash-safe checkpoints, logging and seeding of a MedCLIP run.
     """
 
-    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None) -> None:
+    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None,
+                 front_door: str = "medclip") -> None:
         self.medclip_args = medclip_args
+        self.front_door = front_door  # "medclip" (`medclip train`) or "host" (plain open_clip_train.main)
         self.streams = streams
         self.data_note = data_note
         self.args = None
@@ -537,6 +539,8 @@ class _Run:
             result = _ORIGINAL.train_one_epoch(
                 clip_model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer
             )
+        except ShardSourceError as exc:  # raised in a loader worker: the DataLoader wrapped it in a traceback
+            self.stop(ShardSourceError.line(exc))
         finally:
             info.dataloader = timed.dataloader
         if is_master(args):
@@ -547,6 +551,15 @@ class _Run:
             open_clip_train.train.evaluate(clip_model, data, epoch + 1, args, tb_writer=tb_writer,
                                            tokenizer=self.tokenizer)
         return result
+
+    def stop(self, line: str):
+        """End the run on one line (the shard source failed): `medclip train` prints it and exits 3; plain
+        `open_clip_train.main` (autoload) prints it as its own error and exits 3, instead of a worker traceback."""
+        log.error("open_clip_medclip: %s", line)
+        if self.front_door == "host":
+            print(f"open_clip_train.main: error: {line}", file=sys.stderr, flush=True)
+            raise SystemExit(ShardSourceError.exit_code)
+        raise ShardSourceError(line) from None
 
     def namespace_replacements(self, namespace: dict, with_parse_args: bool) -> dict:
         replacements = {
@@ -679,7 +692,7 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         setattr(args, key, value)
     labelled, url = data_has_medclip_labels(args)
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
-    run = _Run(medclip_args, streams=labelled, data_note=note)
+    run = _Run(medclip_args, streams=labelled, data_note=note, front_door="host")
     run.args = args
     hook = None
     if labelled and medclip_args.medclip_zeroshot_suite:
