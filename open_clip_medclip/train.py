@@ -247,11 +247,43 @@ def _print_help(parser: argparse.ArgumentParser) -> None:
         pass
 
 
+class TrainingNotDone(UserError):
+    """The trainer ran but did not do the work asked for (it refused, trained no step, saved no checkpoint)."""
+
+    exit_code = 1
+
+
+def check_work_done(run) -> None:
+    """Raise `TrainingNotDone` (one line, exit 1) when open_clip_train refused to run, trained zero steps, or
+    wrote no checkpoint although saving was asked for (`--logs` set); evaluation-only runs train nothing."""
+    args = run.args
+    if run.host_result is not None and run.host_result != 0:
+        said = "; ".join(run.host_messages)
+        if "Experiment already exists" in said and args is not None:
+            raise TrainingNotDone(
+                f"open_clip_train refused to run: experiment {args.name!r} already exists in "
+                f"{os.path.join(args.logs, args.name)}; pass a new --name, or --resume latest to continue it")
+        raise TrainingNotDone(f"open_clip_train refused to run: {said or f'it returned {run.host_result}'}")
+    if args is None or not getattr(args, "train_data", None):
+        return
+    if not run.steps:
+        where = f" (resumed from {args.resume})" if getattr(args, "resume", None) else ""
+        what = (f"no epoch was left to train: --epochs {args.epochs}{where}" if not run.epochs_run else
+                f"{run.epochs_run} epoch(s) gave no batch")
+        raise TrainingNotDone(f"0 steps trained: {what}")
+    if getattr(args, "save_logs", False) and not run.torch.saved:
+        raise TrainingNotDone(f"0 checkpoints written to {getattr(args, 'checkpoint_path', args.logs)} although "
+                              "saving was asked for (--logs)")
+
+
 def _summary(args) -> dict:
+    from open_clip_medclip.checkpoints import unreadable_reason
+
     log_dir = os.path.join(args.logs, args.name) if getattr(args, "logs", None) and args.name else None
     summary = {"log_dir": log_dir, "checkpoints": [], "throughput": None}
-    if log_dir:
-        summary["checkpoints"] = sorted(glob.glob(os.path.join(log_dir, "checkpoints", "*.pt")))
+    if log_dir:  # only checkpoints that load (a 0-byte file that --resume latest skipped is not one)
+        summary["checkpoints"] = sorted(path for path in glob.glob(os.path.join(log_dir, "checkpoints", "*.pt"))
+                                        if unreadable_reason(path) is None)
         throughput = os.path.join(log_dir, "medclip_throughput.jsonl")
         if os.path.exists(throughput):
             with open(throughput) as handle:
@@ -320,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     if hook is not None:
         openclip_train.register_zero_shot_eval(hook)
     try:
-        args = openclip_train.run_trainer(trainer_argv, medclip_args)
+        run = openclip_train.run_trainer(trainer_argv, medclip_args)
     finally:
         if hook is not None:
             openclip_train.unregister_zero_shot_eval(hook)
+    args = run.args
+    check_work_done(run)
     if args is not None and getattr(args, "rank", 0) == 0 and getattr(args, "train_data", None):
         summary = _summary(args)
         print(json.dumps(summary))

@@ -295,17 +295,20 @@ class CpuFriendlyDDP(_OriginalDDP):
 # Crash-safe checkpoints, fused AdamW, quiet third-party loggers
 # ----------------------------------------------------------------------------------------------------------------
 class TrainerTorch(types.ModuleType):
-    """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically."""
+    """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically; `saved` lists
+    the paths written (the run's checkpoints)."""
 
     def __init__(self) -> None:
         super().__init__("torch")
+        self.saved: list[str] = []
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    @staticmethod
-    def save(obj, f, *args, **kwargs):
+    def save(self, obj, f, *args, **kwargs):
         checkpoints.atomic_save(obj, f, save=lambda o, handle: torch.save(o, handle, *args, **kwargs))
+        if isinstance(f, (str, os.PathLike)):
+            self.saved.append(os.fspath(f))
 
 
 def fused_adamw_kwargs(params, kwargs: dict) -> tuple[list, dict]:
@@ -462,6 +465,11 @@ class _Run:
         self.data_note = data_note
         self.args = None
         self.tokenizer = None
+        self.torch = TrainerTorch()
+        self.epochs_run = 0  # train_one_epoch calls that returned
+        self.steps = 0  # batches trained on
+        self.host_result = None  # what open_clip_train.main.main returned (-1: it refused to run)
+        self.host_messages: list[str] = []  # the lines it printed starting with "Error"
 
     def parse_args(self, argv):
         args = _ORIGINAL.parse_args(argv)
@@ -543,6 +551,8 @@ class _Run:
             self.stop(ShardSourceError.line(exc))
         finally:
             info.dataloader = timed.dataloader
+        self.epochs_run += 1
+        self.steps += timed.batches
         if is_master(args):
             log_throughput(args, epoch, timed, time.perf_counter() - start, tb_writer)
         if _ZERO_SHOT_HOOKS and not any(key in data for key in ("val", "imagenet-val", "imagenet-v2")):
@@ -571,7 +581,7 @@ class _Run:
             "get_latest_checkpoint": _get_latest_checkpoint(namespace["get_latest_checkpoint"],
                                                             namespace["natural_key"]),
             "pt_load": _pt_load(namespace["pt_load"]),
-            "torch": TrainerTorch(),
+            "torch": self.torch,
             "optim": TrainerOptim(),
         }
         if with_parse_args:
@@ -630,11 +640,31 @@ def patched_trainer(medclip_args, namespace: dict | None = None) -> Iterator[_Ru
         root_logger.setLevel(levels_before[""])
 
 
-def run_trainer(trainer_argv: list[str], medclip_args):
-    """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place."""
-    with patched_trainer(medclip_args) as run:
-        open_clip_train.main.main(trainer_argv)
-    return run.args
+class _ErrorLines:
+    """stdout passed through, keeping the lines that start with "Error" (how open_clip_train says it refuses)."""
+
+    def __init__(self, stream, kept: list[str]) -> None:
+        self.stream, self.kept, self.pending = stream, kept, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        self.kept.extend(line.strip() for line in lines if line.lstrip().startswith("Error"))
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def run_trainer(trainer_argv: list[str], medclip_args) -> _Run:
+    """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place; the run says what
+    happened (`args`, `host_result`, `host_messages`, `epochs_run`, `steps`, `torch.saved`)."""
+    with patched_trainer(medclip_args) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
+        run.host_result = open_clip_train.main.main(trainer_argv)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------------
