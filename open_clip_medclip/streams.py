@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -383,11 +384,69 @@ def _bank_part(index, kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), sub_offsets, codes[keep]
 
 
+_WILDCARDS = ("*", "?", "[")
+
+
+def local_path(url: str) -> str | None:
+    """The file a local shard URL names (a path or `file:`), None for remote URLs."""
+    if is_remote_url(url):
+        return None
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def check_shards_exist(option: str, urls: str | None) -> None:
+    """`option PATTERN: no such file URL` for the first local shard of `urls` that does not exist (an unmatched
+    brace pattern, a typo, a literal `*.tar`: OpenCLIP expands braces, never wildcards)."""
+    if not urls:
+        return
+    for shards, _ in expand_shard_groups(urls):
+        missing = [url for url in shards if local_path(url) is not None and not os.path.exists(local_path(url))]
+        if not missing:
+            continue
+        count = f" ({len(missing)} of the {len(shards)} shards it names are missing)" if len(shards) > 1 else ""
+        hint = ("; shard lists take brace notation, not wildcards: e.g. dir/train-{000000..000009}.tar"
+                if any(c in urls for c in _WILDCARDS) else "")
+        raise UserError(f"{option} {urls!r}: no such file {missing[0]}{count}{hint}")
+
+
+def preflight_shards(args, world_size: int) -> str | None:
+    """Checks before anything is built: every local shard exists, and without --dataset-resampled each loader
+    worker of each rank gets an image shard (open_clip_train asserts it with a traceback otherwise).
+
+    Too few image shards for `--workers` x ranks caps `args.workers` (returned: the line saying so); fewer image
+    shards than ranks is a `UserError` saying what to do. Reads only the shard indexes.
+    """
+    check_shards_exist("--train-data", getattr(args, "train_data", None))
+    check_shards_exist("--val-data", getattr(args, "val_data", None))
+    check_shards_exist("--medclip-bank-data", getattr(args, "medclip_bank_data", None))
+    if not getattr(args, "train_data", None) or getattr(args, "dataset_resampled", False):
+        return None
+    groups = expand_shard_groups(args.train_data)
+    cache = _IndexCache()
+    images = sum(1 for (shards, _), location in zip(groups, _explicit_indexes(getattr(args, "medclip_index", None),
+                                                                                len(groups)), strict=True)
+                 for url in shards if cache.lookup(url, location)[1].images)
+    workers = max(0, int(getattr(args, "workers", 0) or 0))
+    if images >= max(1, workers) * world_size:
+        return None
+    if images < world_size:
+        raise UserError(
+            f"--train-data: {images} image shard(s) for {world_size} ranks: each rank reads its own shards; pass "
+            "--dataset-resampled (shards drawn with replacement), run fewer ranks, or build more, smaller shards "
+            "(medclip shards build --samples-per-shard N)")
+    capped = images // world_size
+    args.workers = capped
+    return (f"--workers {workers} capped to {capped}: {images} image shard(s) for {world_size} rank(s), and each "
+            "loader worker reads its own shards (--dataset-resampled keeps every worker; more, smaller shards too)")
+
+
 def plan_streams(args, is_train: bool) -> StreamPlan:
     """Image-bearing shards (with upsampling factors), expected counts and the sentence bank, from the indexes."""
     urls = args.train_data if is_train else args.val_data
     weights = getattr(args, "train_data_upsampling_factors", None) if is_train else None
     policy = getattr(args, "medclip_uncertain", None) or label_contract.DEFAULT_TRAINING_POLICY
+    check_shards_exist("--train-data" if is_train else "--val-data", urls)
+    check_shards_exist("--medclip-bank-data", getattr(args, "medclip_bank_data", None))
     groups = expand_shard_groups(urls, weights)
     explicit = _explicit_indexes(getattr(args, "medclip_index", None), len(groups))
     cache = _IndexCache()

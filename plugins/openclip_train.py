@@ -53,9 +53,10 @@ from open_clip_medclip.plugins.openclip_models import enable_padding_free_text
 
 from open_clip_medclip import checkpoints, labels
 from open_clip_medclip.augment import medclip_train_transform
+from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
-from open_clip_medclip.streams import ShardSourceError, get_medclip_wds_dataset
+from open_clip_medclip.streams import ShardSourceError, check_shards_exist, get_medclip_wds_dataset, preflight_shards
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -476,6 +477,8 @@ class _Run:
         for key, value in vars(self.medclip_args).items():
             setattr(args, key, value)
         self.args = args
+        if self.streams and _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
+            preflight(args, "medclip train")
         return args
 
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
@@ -684,6 +687,31 @@ def medclip_options_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def host_refusal(message: str):
+    """Plain `open_clip_train.main` (autoload) refuses in one line, argparse style, exit 2."""
+    print(f"open_clip_train.main: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def _refused_on_one_line():
+    try:
+        yield
+    except UserError as exc:
+        host_refusal(str(exc))
+
+
+def preflight(args, program: str) -> None:
+    """`streams.preflight_shards` with the world size the trainer will find (torchrun/SLURM/MPI environment):
+    missing shards and too few shards for ranks x workers are one line before the model is built."""
+    from open_clip_train.distributed import world_info_from_env
+
+    _, rank, world_size = world_info_from_env()
+    note = preflight_shards(args, max(1, world_size))
+    if note and rank == 0:
+        print(f"{program}: note: {note}", file=sys.stderr, flush=True)
+
+
 def is_trainer_namespace(namespace: dict) -> bool:
     return all(name in namespace for name in _NAMESPACE_NAMES)
 
@@ -709,18 +737,22 @@ def host_parse_args(original: Callable, argv, namespace: dict):
     if not is_medclip_config(args.model):
         given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
         if given:
-            print(f"open_clip_train.main: error: {', '.join(given)}: for MedCLIP models only; --model {args.model} "
-                  "is not one (open_clip_medclip autoload)", file=sys.stderr)
-            raise SystemExit(2)
+            host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
+                         "(open_clip_medclip autoload)")
         return args
     if medclip_args.medclip_padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
-        print(f"open_clip_train.main: error: --medclip-padding-free: --model {args.model} averages padding in its text "
-              "pooler (medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)",
-              file=sys.stderr)
-        raise SystemExit(2)
+        host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
+                     "(medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)")
     for key, value in vars(medclip_args).items():
         setattr(args, key, value)
+    if _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
+        with _refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
+            check_shards_exist("--train-data", args.train_data)
+            check_shards_exist("--val-data", args.val_data)
     labelled, url = data_has_medclip_labels(args)
+    if labelled:
+        with _refused_on_one_line():
+            preflight(args, "open_clip_train.main")
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
     run = _Run(medclip_args, streams=labelled, data_note=note, front_door="host")
     run.args = args
