@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,10 @@ class _FaultyHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        mode = self.server.fault.mode
+        fault = self.server.fault
+        mode = fault.mode
+        if fault.die_after and self.path.endswith(".tar") and _tars(fault.served) >= fault.die_after:
+            os._exit(0)  # the server process dies: this request gets no answer, later ones are refused
         if not self.path.endswith(".tar") or mode == "ok":
             self.server.fault.served.append(self.path)
             return super().do_GET()
@@ -49,6 +53,7 @@ class FaultServer:
 
     def __init__(self, folder: Path, mode: str = "ok") -> None:
         self.folder, self.mode = Path(folder), mode
+        self.die_after = 0  # in a server process of its own (`main`): exit at the shard request after N served
         self.served: list[str] = []
         self.failed: list[str] = []
         self.release = threading.Event()
@@ -82,3 +87,35 @@ class FaultServer:
             self.server.server_close()
             self.server = None
             self.release = threading.Event()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.train.faultserver DIR PORT_FILE [--die-after N]`: a server process (a forked loader worker
+    cannot keep its socket open) that writes its port to PORT_FILE and, with --die-after, exits abruptly at the
+    `.tar` request after N served: a shard server killed mid-epoch."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("port_file")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--die-after", type=int, default=0)
+    parser.add_argument("--lifetime", type=float, default=300.0, help="exit after this many seconds whatever happens")
+    args = parser.parse_args(argv)
+    server = FaultServer(Path(args.folder))
+    if args.port:
+        server.stop()
+        server.port = args.port
+        server.start()
+    server.die_after = args.die_after
+    Path(args.port_file).write_text(str(server.port))
+    time.sleep(args.lifetime)  # bounded even if the test that started it goes away
+    os._exit(0)
+
+
+def _tars(paths: list[str]) -> int:
+    return sum(1 for path in paths if path.endswith(".tar"))
+
+
+if __name__ == "__main__":
+    main()
