@@ -14,7 +14,6 @@ import pytest
 from open_clip_medclip import train as medclip_train
 from open_clip_medclip.cli import run_command
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.streams import preflight_shards
 from tests.train.test_host_main import autoload_env  # noqa: F401  (fixture)
 
 
@@ -26,6 +25,8 @@ def _args(data: str, **overrides) -> SimpleNamespace:
 
 
 def test_unmatched_pattern_and_wildcard_are_no_such_file(small_shards):
+    from open_clip_medclip.streams import preflight_shards
+
     folder = small_shards["dir"]
     pattern = f"{folder}/train-{{000000..000009}}.tar"
     with pytest.raises(UserError) as err:
@@ -39,6 +40,8 @@ def test_unmatched_pattern_and_wildcard_are_no_such_file(small_shards):
 
 
 def test_too_few_shards_caps_the_workers_or_says_what_to_do(small_shards):
+    from open_clip_medclip.streams import preflight_shards
+
     one = small_shards["image"][0]
     args = _args(one, workers=4)
     note = preflight_shards(args, 1)
@@ -78,6 +81,7 @@ def test_medclip_train_caps_workers_on_a_single_shard_and_says_so(tmp_path, smal
     assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()
 
 
+@pytest.mark.slow
 def test_plain_openclip_front_door_refuses_in_one_line(tmp_path, small_shards, autoload_env):  # noqa: F811
     base = [sys.executable, "-m", "open_clip_train.main", "--model", "medclip-tiny", "--batch-size", "4",
             "--device", "cpu", "--logs", str(tmp_path), "--train-num-samples", "8", "--workers", "1"]
