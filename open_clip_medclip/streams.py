@@ -292,6 +292,9 @@ class _IndexCache:
         where, index = self.get(location or url)
         name = shard_name(url)
         if name not in index.shards:
+            path = local_path(url)
+            if path is not None and not os.path.exists(path):  # a typo or an unmatched pattern, not a stale index
+                raise UserError(f"{url}: no such file")
             raise UserError(f"{url}: shard {name!r} is not in the shard index {where} ({len(index.shards)} shards "
                             f"listed); rewrite it with `medclip shards index DIR` or fix --medclip-index")
         return where, ShardCounts({k: int(v) for k, v in index.shards[name].kinds.items()})
@@ -445,8 +448,6 @@ def plan_streams(args, is_train: bool) -> StreamPlan:
     urls = args.train_data if is_train else args.val_data
     weights = getattr(args, "train_data_upsampling_factors", None) if is_train else None
     policy = getattr(args, "medclip_uncertain", None) or label_contract.DEFAULT_TRAINING_POLICY
-    check_shards_exist("--train-data" if is_train else "--val-data", urls)
-    check_shards_exist("--medclip-bank-data", getattr(args, "medclip_bank_data", None))
     groups = expand_shard_groups(urls, weights)
     explicit = _explicit_indexes(getattr(args, "medclip_index", None), len(groups))
     cache = _IndexCache()
