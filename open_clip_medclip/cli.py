@@ -142,6 +142,7 @@ def run_command(command: str, function: Callable[[], int | None], debug: bool | 
     except KeyboardInterrupt:
         if debug:
             raise
+        _exit_quietly_on_another_interrupt()
         print(f"medclip {command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `medclip ... | head`: the reader left; not an error worth a traceback
@@ -157,6 +158,16 @@ def run_command(command: str, function: Callable[[], int | None], debug: bool | 
         return getattr(exc, "exit_code", USER_ERROR_EXIT_CODE) if isinstance(exc, UserError) else USER_ERROR_EXIT_CODE
     finally:
         root.removeFilter(dedup)
+
+
+def _exit_quietly_on_another_interrupt() -> None:
+    """A second Ctrl-C while the command winds down (cleanup, interpreter exit) ends the process at once with
+    code 130 and no traceback. Everything the commands write is atomic, so what is on disk stays resumable."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
 def _silence_stdout() -> None:

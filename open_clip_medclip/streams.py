@@ -29,7 +29,9 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import os
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -290,6 +292,9 @@ class _IndexCache:
         where, index = self.get(location or url)
         name = shard_name(url)
         if name not in index.shards:
+            path = local_path(url)
+            if path is not None and not os.path.exists(path):  # a typo or an unmatched pattern, not a stale index
+                raise UserError(f"{url}: no such file")
             raise UserError(f"{url}: shard {name!r} is not in the shard index {where} ({len(index.shards)} shards "
                             f"listed); rewrite it with `medclip shards index DIR` or fix --medclip-index")
         return where, ShardCounts({k: int(v) for k, v in index.shards[name].kinds.items()})
@@ -382,6 +387,62 @@ def _bank_part(index, kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), sub_offsets, codes[keep]
 
 
+_WILDCARDS = ("*", "?", "[")
+
+
+def local_path(url: str) -> str | None:
+    """The file a local shard URL names (a path or `file:`), None for remote URLs."""
+    if is_remote_url(url):
+        return None
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def check_shards_exist(option: str, urls: str | None) -> None:
+    """`option PATTERN: no such file URL` for the first local shard of `urls` that does not exist (an unmatched
+    brace pattern, a typo, a literal `*.tar`: OpenCLIP expands braces, never wildcards)."""
+    if not urls:
+        return
+    for shards, _ in expand_shard_groups(urls):
+        missing = [url for url in shards if local_path(url) is not None and not os.path.exists(local_path(url))]
+        if not missing:
+            continue
+        count = f" ({len(missing)} of the {len(shards)} shards it names are missing)" if len(shards) > 1 else ""
+        hint = ("; shard lists take brace notation, not wildcards: e.g. dir/train-{000000..000009}.tar"
+                if any(c in urls for c in _WILDCARDS) else "")
+        raise UserError(f"{option} {urls!r}: no such file {missing[0]}{count}{hint}")
+
+
+def preflight_shards(args, world_size: int) -> str | None:
+    """Checks before anything is built: every local shard exists, and without --dataset-resampled each loader
+    worker of each rank gets an image shard (open_clip_train asserts it with a traceback otherwise).
+
+    Too few image shards for `--workers` x ranks caps `args.workers` (returned: the line saying so); fewer image
+    shards than ranks is a `UserError` saying what to do. Reads only the shard indexes.
+    """
+    check_shards_exist("--train-data", getattr(args, "train_data", None))
+    check_shards_exist("--val-data", getattr(args, "val_data", None))
+    check_shards_exist("--medclip-bank-data", getattr(args, "medclip_bank_data", None))
+    if not getattr(args, "train_data", None) or getattr(args, "dataset_resampled", False):
+        return None
+    groups = expand_shard_groups(args.train_data)
+    cache = _IndexCache()
+    images = sum(1 for (shards, _), location in zip(groups, _explicit_indexes(getattr(args, "medclip_index", None),
+                                                                                len(groups)), strict=True)
+                 for url in shards if cache.lookup(url, location)[1].images)
+    workers = max(0, int(getattr(args, "workers", 0) or 0))
+    if images >= max(1, workers) * world_size:
+        return None
+    if images < world_size:
+        raise UserError(
+            f"--train-data: {images} image shard(s) for {world_size} ranks: each rank reads its own shards; pass "
+            "--dataset-resampled (shards drawn with replacement), run fewer ranks, or build more, smaller shards "
+            "(medclip shards build --samples-per-shard N)")
+    capped = images // world_size
+    args.workers = capped
+    return (f"--workers {workers} capped to {capped}: {images} image shard(s) for {world_size} rank(s), and each "
+            "loader worker reads its own shards (--dataset-resampled keeps every worker; more, smaller shards too)")
+
+
 def plan_streams(args, is_train: bool) -> StreamPlan:
     """Image-bearing shards (with upsampling factors), expected counts and the sentence bank, from the indexes."""
     urls = args.train_data if is_train else args.val_data
@@ -453,7 +514,11 @@ def _worker_id() -> int:
 
 
 class StreamStats:
-    """Counts of one loader worker: samples read per shard (compared with the index), skipped samples by reason."""
+    """Counts of one loader worker: samples read per shard (compared with the index), skipped samples by reason.
+
+    Warnings about a shard are rate-limited to one line per shard per epoch (an epoch may read a shard several
+    times when `with_epoch` repeats a short pass); repeats are counted in the epoch summary instead.
+    """
 
     def __init__(self, expected: dict[str, int], rank: int = 0) -> None:
         self.expected = expected
@@ -466,16 +531,31 @@ class StreamStats:
         self.short: list[str] = []
         self.skipped: Counter = Counter()
         self.batches = 0
+        self.failed_shards = 0
+        self.warned: set[str] = set()
+        self.suppressed = 0
 
-    def shard_done(self, url: str, count: int, error: str | None = None) -> None:
+    def warn_once(self, url: str, message: str, *values) -> None:
+        """A warning about shard `url`, at most once per epoch (later ones are only counted)."""
+        if url in self.warned:
+            self.suppressed += 1
+            return
+        self.warned.add(url)
+        log.warning(message, *values)
+
+    def shard_done(self, url: str, count: int, error: str | None = None, attempts: int = 1) -> None:
         self.shards_read += 1
         expected = self.expected.get(url)
         if error is not None or (expected is not None and count != expected):
             what = f"{count} of {expected}" if expected is not None else str(count)
-            line = f"{shard_name(url)}: read {what} samples" + (f" ({error})" if error else "")
-            self.short.append(line)
-            log.warning("medclip streams: %s: read %s samples the shard index lists%s", url, what,
-                        f" before an error: {error}" if error else " (truncated or changed shard?)")
+            tries = f" in {attempts} attempts" if attempts > 1 else ""
+            line = f"{shard_name(url)}: read {what} samples{tries}" + (f" ({error})" if error else "")
+            if line not in self.short:
+                self.short.append(line)
+            self.warn_once(url, "medclip streams: %s: read %s samples the shard index lists%s%s", url, what, tries,
+                           f" before an error: {error}" if error else " (truncated or changed shard?)")
+        elif attempts > 1:
+            self.warn_once(url, "medclip streams: %s: read after %d attempts", url, attempts)
 
     def skip(self, url: str, key: str, reason: str) -> None:
         kind = reason.split(":", 1)[0]
@@ -487,43 +567,169 @@ class StreamStats:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
         text = (f"medclip streams epoch {epoch} rank {self.rank} worker {_worker_id()}: {self.samples} samples read "
                 f"from {self.shards_read} shards, {skipped} skipped" + (f" ({reasons})" if reasons else ""))
+        if self.failed_shards:
+            text += f"; {self.failed_shards} shard(s) skipped after retries"
         if self.short:
             text += f"; shards not matching the index: {'; '.join(self.short)}"
+        if self.suppressed:
+            text += f"; {self.suppressed} repeated shard warning(s) not shown"
         return text
 
     def report(self, epoch: int | None) -> None:
-        (log.warning if self.short or self.skipped else log.info)(self.summary(epoch))
+        (log.warning if self.short or self.skipped or self.failed_shards else log.info)(self.summary(epoch))
         self.reset()
+
+
+class ShardSourceError(UserError):
+    """The shard source failed past the `--medclip-shard-*` budget: the run stops (exit code 3).
+
+    Raised in a loader worker, it reaches the main process through the DataLoader, which wraps its message in the
+    worker's traceback; `ShardSourceError.line(exc)` recovers the one line.
+    """
+
+    exit_code = 3
+
+    @staticmethod
+    def line(exc: BaseException) -> str:
+        lines = [part.strip() for part in str(exc).splitlines() if part.strip()]
+        marker = f"{ShardSourceError.__name__}: "
+        for part in reversed(lines):
+            if marker in part:
+                return part.split(marker, 1)[1].strip()
+        return lines[-1] if lines else ShardSourceError.__name__
+
+
+def is_remote_url(url: str) -> bool:
+    """Whether reading `url` goes over a network or a command (http(s), `pipe:`, fsspec), where a retry can help."""
+    scheme = urlparse(url).scheme
+    return not (scheme in ("", "file") or len(scheme) == 1)
+
+
+@dataclass(frozen=True)
+class ShardFailurePolicy:
+    """`--medclip-shard-*`: how remote shard reads retry, and when failed shards stop the run.
+
+    A remote shard whose read ends in an error (cannot open, HTTP error, truncated body, no byte for `timeout`
+    seconds, a `pipe:` command failing) is re-read up to `retries` times, waiting `backoff`, 2x, 4x ... seconds
+    (at most 60) between tries; samples already delivered are not delivered again. A shard that still fails is
+    skipped and counted. A loader worker stops the run when `max_failures` shards fail in a row, or when the
+    shards it skipped this epoch exceed `max_skipped` of its share of the epoch's shards (`share`). Local files
+    are read once (a retry cannot change them) and never stop the run this way; a whole pass over a worker's
+    shards without one sample stops it whatever the source (otherwise `with_epoch` would repeat it forever).
+    """
+
+    retries: int
+    timeout: float
+    backoff: float
+    max_failures: int
+    max_skipped: float
+    share: int = 1
+
+    def wait(self, attempt: int) -> float:
+        return min(60.0, self.backoff * 2 ** (attempt - 1))
+
+    def budget(self) -> str:
+        return f"{self.retries} retries, {self.timeout:g} s read timeout"
+
+    @classmethod
+    def from_args(cls, args=None, shards: int = 1) -> ShardFailurePolicy:
+        """From the `--medclip-shard-*` values (their defaults where `args` lacks them: `train.add_medclip_options`
+        owns both); `shards`: the epoch's shards, shared by world size x loader workers."""
+        from .train import SHARD_FAILURE_DEFAULTS
+
+        given = {}
+        for name, default in SHARD_FAILURE_DEFAULTS.items():
+            value = getattr(args, f"medclip_shard_{name}", None)
+            given[name] = default if value is None else value
+        for name, value in given.items():
+            if value < 0 or (name == "max_failures" and value < 1):
+                raise UserError(f"--medclip-shard-{name.replace('_', '-')} must be "
+                                f"{'>= 1' if name == 'max_failures' else '>= 0'}, got {value}")
+        readers = max(1, int(getattr(args, "world_size", 1) or 1)) * max(1, int(getattr(args, "workers", 1) or 1))
+        return cls(**given, share=max(1, -(-shards // readers)))
 
 
 class ShardReader:
     """Pipeline stage: `{"url": ...}` dicts in, the samples of each shard out, counted per shard.
 
     Opens any URL webdataset or fsspec opens (`plugins.openclip_data.open_url`). A shard whose stream ends
-    early is compared with the index when it ends; errors name the shard.
+    early is compared with the index when it ends; errors name the shard. Remote reads retry, and failing
+    sources stop the run, as `policy` (`ShardFailurePolicy`) says.
     """
 
-    def __init__(self, stats: StreamStats) -> None:
+    def __init__(self, stats: StreamStats, policy: ShardFailurePolicy | None = None, epoch=None) -> None:
         self.stats = stats
+        self.policy = policy or ShardFailurePolicy.from_args()
+        self.epoch = epoch
+        self.consecutive = 0
+        self._skipped_epoch: tuple[object, int] = (None, 0)
 
-    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+    def _read(self, url: str, errors: list[str]) -> Iterator[dict]:
         from open_clip_medclip.plugins.openclip_data import shard_samples
 
+        def handler(exc: BaseException) -> bool:
+            first = exc.args[0] if exc.args else ""
+            errors.append(f"{type(exc).__name__}: {str(first).split(' @ ')[0]}".rstrip(": "))
+            return True
+
+        timeout = self.policy.timeout if is_remote_url(url) else None
+        return shard_samples(url, handler, timeout=timeout or None)
+
+    def _failed(self, url: str, error: str, attempts: int) -> None:
+        """Count a remote shard skipped after its attempts; stop the run past the policy's thresholds."""
+        policy = self.policy
+        self.consecutive += 1
+        self.stats.failed_shards += 1
+        epoch = self.epoch.get_value() if hasattr(self.epoch, "get_value") else self.epoch
+        seen_epoch, skipped = self._skipped_epoch
+        skipped = skipped + 1 if seen_epoch == epoch else 1
+        self._skipped_epoch = (epoch, skipped)
+        why = None
+        if self.consecutive >= policy.max_failures:
+            why = f"{self.consecutive} shard(s) in a row failed"
+        elif skipped > policy.max_skipped * policy.share:
+            why = (f"{skipped} of this loader worker's {policy.share} shard(s) this epoch failed (more than "
+                   f"--medclip-shard-max-skipped {policy.max_skipped:g})")
+        if why is not None:
+            raise ShardSourceError(
+                f"stopping: {why} after {attempts} attempt(s) each ({policy.budget()}); last: {url}: {error}. "
+                "Checkpoints written so far are intact; once the shards can be read again, rerun the same command "
+                "with --resume latest")
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        attempted = delivered = 0
+        last_error = None
         for shard in source:
             url = shard["url"] if isinstance(shard, dict) else str(shard)
-            errors: list[str] = []
-
-            def handler(exc: BaseException, errors=errors) -> bool:
-                first = exc.args[0] if exc.args else ""
-                errors.append(f"{type(exc).__name__}: {str(first).split(' @ ')[0]}".rstrip(": "))
-                return True
-
-            count = 0
-            for sample in shard_samples(url, handler):
-                count += 1
-                self.stats.samples += 1
-                yield sample
-            self.stats.shard_done(url, count, "; ".join(errors) if errors else None)
+            retries = self.policy.retries if is_remote_url(url) else 0
+            count = attempts = 0
+            while True:
+                attempts += 1
+                errors: list[str] = []
+                already = count
+                for position, sample in enumerate(self._read(url, errors)):
+                    if position < already:  # a re-read: an earlier attempt delivered these
+                        continue
+                    count += 1
+                    self.stats.samples += 1
+                    yield sample
+                if not errors or attempts > retries:
+                    break
+                log.debug("medclip streams: %s: attempt %d failed (%s); retrying", url, attempts, "; ".join(errors))
+                time.sleep(self.policy.wait(attempts))
+            attempted += 1
+            delivered += count
+            error = "; ".join(errors) if errors else None
+            self.stats.shard_done(url, count, error, attempts)
+            if error:
+                last_error = f"{url}: {error}"
+                if is_remote_url(url):
+                    self._failed(url, error, attempts)
+            elif is_remote_url(url):
+                self.consecutive = 0
+        if attempted and not delivered:
+            raise ShardSourceError(f"stopping: no sample could be read from any of this loader worker's {attempted} "
+                                   f"shard(s) in a whole pass; last: {last_error or 'no error, the shards are empty'}")
 
 
 def check_stream_sample(sample: dict, policy: str, checksum: str | None = None) -> tuple[dict | None, list[str]]:
@@ -861,6 +1067,7 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
     if is_train and plan.image_weights is not None and not resampled:
         raise UserError("--train-data-upsampling-factors needs --dataset-resampled (as in open_clip_train)")
     rank = getattr(args, "rank", 0)
+    failure_policy = ShardFailurePolicy.from_args(args, len(plan.image_urls))
     multiple = text_multiple_for(args)
     bucket = text_bucket_for(args) if is_train else 0
     if bucket and not multiple:
@@ -890,7 +1097,7 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
             wds.map(PackBatch(tokenizer, multiple)),
             EpochReport(stats, worker_batches, shared_epoch),
         ]
-        return ShardReader(stats), shuffle_stage, tail
+        return ShardReader(stats, failure_policy, shared_epoch), shuffle_stage, tail
 
     info = spliced_wds_dataset(args, preprocess_img, is_train, epoch, floor, tokenizer, shards=plan.image_urls,
                                weights=plan.image_weights, num_samples=plan.image_samples,

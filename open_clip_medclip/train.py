@@ -29,6 +29,10 @@ from open_clip_medclip.errors import UserError, did_you_mean, resolve_device
 from open_clip_medclip.labels import TRAINING_POLICIES
 from open_clip_medclip.loss import LABEL_SIMILARITIES, LOSS_KINDS
 
+# Defaults of the --medclip-shard-* options, sized for object stores: a failing shard is read 5 times within
+# ~15 s of backoff (1+2+4+8), a read stalled for 30 s fails, and a dead source stops the run within about a minute.
+SHARD_FAILURE_DEFAULTS = {"retries": 4, "timeout": 30.0, "backoff": 1.0, "max_failures": 3, "max_skipped": 0.05}
+
 
 def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `--medclip-*` flags, shared by `medclip train` and plain `open_clip_train.main` with the autoload."""
@@ -122,6 +126,31 @@ def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="SUITE",
         help="built evaluation suite (folder from `medclip eval build-suite`, repeatable) evaluated zero-shot on the "
         "master rank every --zeroshot-frequency epochs and at the end; metrics go to results.jsonl and tb/wandb",
+    )
+    # Failing shard sources (http(s), pipe:, fsspec URLs): bounded retries, then a clean stop (streams.ShardFailurePolicy)
+    shard_defaults = SHARD_FAILURE_DEFAULTS
+    group.add_argument(
+        "--medclip-shard-retries", type=int, default=shard_defaults["retries"], metavar="N",
+        help=f"re-reads of a remote shard whose read fails (default {shard_defaults['retries']}), waiting "
+        "--medclip-shard-backoff, then 2x, 4x ... seconds; samples already delivered are not repeated",
+    )
+    group.add_argument(
+        "--medclip-shard-timeout", type=float, default=shard_defaults["timeout"], metavar="SECONDS",
+        help=f"an http(s) shard read that gets no byte for this long fails (default {shard_defaults['timeout']:g})",
+    )
+    group.add_argument(
+        "--medclip-shard-backoff", type=float, default=shard_defaults["backoff"], metavar="SECONDS",
+        help=f"wait before the first retry, doubled at each next one, at most 60 (default {shard_defaults['backoff']:g})",
+    )
+    group.add_argument(
+        "--medclip-shard-max-failures", type=int, default=shard_defaults["max_failures"], metavar="N",
+        help=f"stop the run when N remote shards in a row fail after their retries (default "
+        f"{shard_defaults['max_failures']}); exit code 3, checkpoints kept, continue with --resume latest",
+    )
+    group.add_argument(
+        "--medclip-shard-max-skipped", type=float, default=shard_defaults["max_skipped"], metavar="FRACTION",
+        help=f"stop the run when a loader worker skips more than this fraction of its shards in an epoch (default "
+        f"{shard_defaults['max_skipped']:g}; with few shards per worker, one failed shard stops it)",
     )
     return parser
 
@@ -218,11 +247,43 @@ def _print_help(parser: argparse.ArgumentParser) -> None:
         pass
 
 
+class TrainingNotDone(UserError):
+    """The trainer ran but did not do the work asked for (it refused, trained no step, saved no checkpoint)."""
+
+    exit_code = 1
+
+
+def check_work_done(run) -> None:
+    """Raise `TrainingNotDone` (one line, exit 1) when open_clip_train refused to run, trained zero steps, or
+    wrote no checkpoint although saving was asked for (`--logs` set); evaluation-only runs train nothing."""
+    args = run.args
+    if run.host_result is not None and run.host_result != 0:
+        said = "; ".join(run.host_messages)
+        if "Experiment already exists" in said and args is not None:
+            raise TrainingNotDone(
+                f"open_clip_train refused to run: experiment {args.name!r} already exists in "
+                f"{os.path.join(args.logs, args.name)}; pass a new --name, or --resume latest to continue it")
+        raise TrainingNotDone(f"open_clip_train refused to run: {said or f'it returned {run.host_result}'}")
+    if args is None or not getattr(args, "train_data", None):
+        return
+    if not run.steps:
+        where = f" (resumed from {args.resume})" if getattr(args, "resume", None) else ""
+        what = (f"no epoch was left to train: --epochs {args.epochs}{where}" if not run.epochs_run else
+                f"{run.epochs_run} epoch(s) gave no batch")
+        raise TrainingNotDone(f"0 steps trained: {what}")
+    if getattr(args, "save_logs", False) and not run.torch.saved:
+        raise TrainingNotDone(f"0 checkpoints written to {getattr(args, 'checkpoint_path', args.logs)} although "
+                              "saving was asked for (--logs)")
+
+
 def _summary(args) -> dict:
+    from open_clip_medclip.checkpoints import unreadable_reason
+
     log_dir = os.path.join(args.logs, args.name) if getattr(args, "logs", None) and args.name else None
     summary = {"log_dir": log_dir, "checkpoints": [], "throughput": None}
-    if log_dir:
-        summary["checkpoints"] = sorted(glob.glob(os.path.join(log_dir, "checkpoints", "*.pt")))
+    if log_dir:  # only checkpoints that load (a 0-byte file that --resume latest skipped is not one)
+        summary["checkpoints"] = sorted(path for path in glob.glob(os.path.join(log_dir, "checkpoints", "*.pt"))
+                                        if unreadable_reason(path) is None)
         throughput = os.path.join(log_dir, "medclip_throughput.jsonl")
         if os.path.exists(throughput):
             with open(throughput) as handle:
@@ -291,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     if hook is not None:
         openclip_train.register_zero_shot_eval(hook)
     try:
-        args = openclip_train.run_trainer(trainer_argv, medclip_args)
+        run = openclip_train.run_trainer(trainer_argv, medclip_args)
     finally:
         if hook is not None:
             openclip_train.unregister_zero_shot_eval(hook)
+    args = run.args
+    check_work_done(run)
     if args is not None and getattr(args, "rank", 0) == 0 and getattr(args, "train_data", None):
         summary = _summary(args)
         print(json.dumps(summary))

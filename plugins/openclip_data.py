@@ -73,8 +73,56 @@ def gopen_handles(url: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1) or scheme in wds_gopen.gopen_schemes
 
 
-def open_url(url: str):
-    """A binary stream for any URL webdataset or fsspec can open (fsspec for `s3://`, `gcs://`, `memory://`...)."""
+class CheckedHttpBody:
+    """An HTTP response body that fails loudly when it ends before its Content-Length (a cut connection), where
+    `http.client` would end the stream quietly and leave a tar cut mid-member."""
+
+    def __init__(self, response, url: str, timeout: float) -> None:
+        self.response, self.url, self.timeout = response, url, timeout
+        length = response.headers.get("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+        self.received = 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.response.read(size)
+        except TimeoutError:
+            raise TimeoutError(f"stalled: no data for {self.timeout:g} s after {self.received} bytes") from None
+        self.received += len(data)
+        if not data and size != 0 and self.length is not None and self.received < self.length:
+            raise OSError(f"truncated body: the connection ended after {self.received} of {self.length} bytes")
+        return data
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def open_http(url: str, timeout: float) -> CheckedHttpBody:
+    """An http(s) body with a read timeout (no byte for `timeout` seconds raises) and a length check.
+
+    webdataset's own `gopen` runs `curl --retry 30 --retry-delay 2`, which waits a minute on a failing server
+    and never times out a stalled read; the stream's retry policy (`streams.ShardFailurePolicy`) decides instead.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - the user's own URL
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        raise OSError(getattr(reason, "strerror", None) or str(reason)) from None
+    except TimeoutError:
+        raise TimeoutError(f"stalled: no response for {timeout:g} s") from None
+    return CheckedHttpBody(response, url, timeout)
+
+
+def open_url(url: str, timeout: float | None = None):
+    """A binary stream for any URL webdataset or fsspec can open (fsspec for `s3://`, `gcs://`, `memory://`...);
+    http(s) with a read `timeout` when one is given."""
+    if timeout and urlparse(url).scheme in ("http", "https"):
+        return open_http(url, timeout)
     if gopen_handles(url):
         return wds_gopen.gopen(url, "rb")
     try:
@@ -84,13 +132,13 @@ def open_url(url: str):
     return fsspec.open(url, "rb").open()
 
 
-def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+def shard_samples(url: str, handler: Callable[[Exception], bool], timeout: float | None = None) -> Iterator[dict]:
     """The samples of one shard, grouped by key as `open_clip_train.data.tarfile_to_samples_nothrow` does.
 
     Errors (unopenable URL, broken tar) go to `handler` with the URL as the exception's last argument.
     """
     try:
-        stream = open_url(url)
+        stream = open_url(url, timeout)
     except Exception as exc:  # noqa: BLE001 - the handler decides
         exc.args = exc.args + (url,)
         if handler(exc):

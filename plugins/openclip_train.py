@@ -53,9 +53,10 @@ from open_clip_medclip.plugins.openclip_models import enable_padding_free_text
 
 from open_clip_medclip import checkpoints, labels
 from open_clip_medclip.augment import medclip_train_transform
+from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
-from open_clip_medclip.streams import get_medclip_wds_dataset
+from open_clip_medclip.streams import ShardSourceError, check_shards_exist, get_medclip_wds_dataset, preflight_shards
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -295,17 +296,20 @@ class CpuFriendlyDDP(_OriginalDDP):
 # Crash-safe checkpoints, fused AdamW, quiet third-party loggers
 # ----------------------------------------------------------------------------------------------------------------
 class TrainerTorch(types.ModuleType):
-    """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically."""
+    """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically; `saved` lists
+    the paths written (the run's checkpoints)."""
 
     def __init__(self) -> None:
         super().__init__("torch")
+        self.saved: list[str] = []
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    @staticmethod
-    def save(obj, f, *args, **kwargs):
+    def save(self, obj, f, *args, **kwargs):
         checkpoints.atomic_save(obj, f, save=lambda o, handle: torch.save(o, handle, *args, **kwargs))
+        if isinstance(f, (str, os.PathLike)):
+            self.saved.append(os.fspath(f))
 
 
 def fused_adamw_kwargs(params, kwargs: dict) -> tuple[list, dict]:
@@ -454,18 +458,27 @@ class _Run:
     crash-safe checkpoints, logging and seeding of a MedCLIP run.
     """
 
-    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None) -> None:
+    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None,
+                 front_door: str = "medclip") -> None:
         self.medclip_args = medclip_args
+        self.front_door = front_door  # "medclip" (`medclip train`) or "host" (plain open_clip_train.main)
         self.streams = streams
         self.data_note = data_note
         self.args = None
         self.tokenizer = None
+        self.torch = TrainerTorch()
+        self.epochs_run = 0  # train_one_epoch calls that returned
+        self.steps = 0  # batches trained on
+        self.host_result = None  # what open_clip_train.main.main returned (-1: it refused to run)
+        self.host_messages: list[str] = []  # the lines it printed starting with "Error"
 
     def parse_args(self, argv):
         args = _ORIGINAL.parse_args(argv)
         for key, value in vars(self.medclip_args).items():
             setattr(args, key, value)
         self.args = args
+        if self.streams and _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
+            preflight(args, "medclip train")
         return args
 
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
@@ -537,8 +550,12 @@ class _Run:
             result = _ORIGINAL.train_one_epoch(
                 clip_model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer
             )
+        except ShardSourceError as exc:  # raised in a loader worker: the DataLoader wrapped it in a traceback
+            self.stop(ShardSourceError.line(exc))
         finally:
             info.dataloader = timed.dataloader
+        self.epochs_run += 1
+        self.steps += timed.batches
         if is_master(args):
             log_throughput(args, epoch, timed, time.perf_counter() - start, tb_writer)
         if _ZERO_SHOT_HOOKS and not any(key in data for key in ("val", "imagenet-val", "imagenet-v2")):
@@ -547,6 +564,15 @@ class _Run:
             open_clip_train.train.evaluate(clip_model, data, epoch + 1, args, tb_writer=tb_writer,
                                            tokenizer=self.tokenizer)
         return result
+
+    def stop(self, line: str):
+        """End the run on one line (the shard source failed): `medclip train` prints it and exits 3; plain
+        `open_clip_train.main` (autoload) prints it as its own error and exits 3, instead of a worker traceback."""
+        log.error("open_clip_medclip: %s", line)
+        if self.front_door == "host":
+            print(f"open_clip_train.main: error: {line}", file=sys.stderr, flush=True)
+            raise SystemExit(ShardSourceError.exit_code)
+        raise ShardSourceError(line) from None
 
     def namespace_replacements(self, namespace: dict, with_parse_args: bool) -> dict:
         replacements = {
@@ -558,7 +584,7 @@ class _Run:
             "get_latest_checkpoint": _get_latest_checkpoint(namespace["get_latest_checkpoint"],
                                                             namespace["natural_key"]),
             "pt_load": _pt_load(namespace["pt_load"]),
-            "torch": TrainerTorch(),
+            "torch": self.torch,
             "optim": TrainerOptim(),
         }
         if with_parse_args:
@@ -617,11 +643,31 @@ def patched_trainer(medclip_args, namespace: dict | None = None) -> Iterator[_Ru
         root_logger.setLevel(levels_before[""])
 
 
-def run_trainer(trainer_argv: list[str], medclip_args):
-    """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place."""
-    with patched_trainer(medclip_args) as run:
-        open_clip_train.main.main(trainer_argv)
-    return run.args
+class _ErrorLines:
+    """stdout passed through, keeping the lines that start with "Error" (how open_clip_train says it refuses)."""
+
+    def __init__(self, stream, kept: list[str]) -> None:
+        self.stream, self.kept, self.pending = stream, kept, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        self.kept.extend(line.strip() for line in lines if line.lstrip().startswith("Error"))
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def run_trainer(trainer_argv: list[str], medclip_args) -> _Run:
+    """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place; the run says what
+    happened (`args`, `host_result`, `host_messages`, `epochs_run`, `steps`, `torch.saved`)."""
+    with patched_trainer(medclip_args) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
+        run.host_result = open_clip_train.main.main(trainer_argv)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -639,6 +685,31 @@ def medclip_options_parser() -> argparse.ArgumentParser:
         "semantic matching loss on label-aware streams; the flags below tune it. OpenCLIP's own options follow.")
     add_medclip_options(parser)
     return parser
+
+
+def host_refusal(message: str):
+    """Plain `open_clip_train.main` (autoload) refuses in one line, argparse style, exit 2."""
+    print(f"open_clip_train.main: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def _refused_on_one_line():
+    try:
+        yield
+    except UserError as exc:
+        host_refusal(str(exc))
+
+
+def preflight(args, program: str) -> None:
+    """`streams.preflight_shards` with the world size the trainer will find (torchrun/SLURM/MPI environment):
+    missing shards and too few shards for ranks x workers are one line before the model is built."""
+    from open_clip_train.distributed import world_info_from_env
+
+    _, rank, world_size = world_info_from_env()
+    note = preflight_shards(args, max(1, world_size))
+    if note and rank == 0:
+        print(f"{program}: note: {note}", file=sys.stderr, flush=True)
 
 
 def is_trainer_namespace(namespace: dict) -> bool:
@@ -666,20 +737,24 @@ def host_parse_args(original: Callable, argv, namespace: dict):
     if not is_medclip_config(args.model):
         given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
         if given:
-            print(f"open_clip_train.main: error: {', '.join(given)}: for MedCLIP models only; --model {args.model} "
-                  "is not one (open_clip_medclip autoload)", file=sys.stderr)
-            raise SystemExit(2)
+            host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
+                         "(open_clip_medclip autoload)")
         return args
     if medclip_args.medclip_padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
-        print(f"open_clip_train.main: error: --medclip-padding-free: --model {args.model} averages padding in its text "
-              "pooler (medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)",
-              file=sys.stderr)
-        raise SystemExit(2)
+        host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
+                     "(medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)")
     for key, value in vars(medclip_args).items():
         setattr(args, key, value)
+    if _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
+        with _refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
+            check_shards_exist("--train-data", args.train_data)
+            check_shards_exist("--val-data", args.val_data)
     labelled, url = data_has_medclip_labels(args)
+    if labelled:
+        with _refused_on_one_line():
+            preflight(args, "open_clip_train.main")
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
-    run = _Run(medclip_args, streams=labelled, data_note=note)
+    run = _Run(medclip_args, streams=labelled, data_note=note, front_door="host")
     run.args = args
     hook = None
     if labelled and medclip_args.medclip_zeroshot_suite:

@@ -15,6 +15,7 @@ validation and policies come from `open_clip_medclip.labels`. `part=(I, N)` buil
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import os
 import shutil
 import signal
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -424,7 +426,7 @@ def _run(planned: list[PlannedSample], indices: list[int], options: BuildOptions
     pool = None
     workers = min(options.workers, max(1, len(indices)))
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_interrupts)
         results = pool.imap(_process, indices, chunksize=max(1, min(16, len(indices) // (workers * 8))))
     else:
         results = map(_process, indices)
@@ -450,8 +452,26 @@ def _run(planned: list[PlannedSample], indices: list[int], options: BuildOptions
     finally:
         _WORKER_STATE = None
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            with _interrupts_ignored():  # a second Ctrl-C must not cut the workers' shutdown short
+                pool.terminate()
+                pool.join()
+
+
+def _ignore_interrupts() -> None:
+    """Pool workers leave Ctrl-C to the parent (which stops them), instead of each printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _finish(out_dir: Path, planned: list[PlannedSample], source_rejects: list[dict], options: BuildOptions,

@@ -281,22 +281,27 @@ def validate_shards(folder: str | Path, decode_images: bool = True, check_index:
     seen_keys: dict[str, str] = {}
     kinds: Counter = Counter()
     facts: list[ShardFacts] = []
+    truncated: list[str] = []
     for name in tars:
+        listed = sizes.get(name) if isinstance(sizes, dict) and isinstance(sizes.get(name), int) else None
         shard = _validate_tar(folder / name, report, seen_keys, policy, longer_side, decode_images,
-                              expected.get(name) if index is not None else None)
+                              expected.get(name) if index is not None else None, listed, truncated)
         facts.append(shard)
         kinds.update(shard.kinds)
         report.shards += 1
         report.samples += len(shard.keys)
+        if name in truncated:  # reported once, with counts; the files describing the whole shard are not wrong
+            continue
         if sizes is not None and name in sizes and sizes[name] != len(shard.keys):
             report.problems.append(Problem(str(folder / SIZES_FILE), None,
                                            f"{name}: says {sizes[name]} samples, the tar has {len(shard.keys)}"))
     report.kinds = dict(sorted(kinds.items()))
     report.facts = facts
     if index is not None:
-        _compare_index(folder, index, facts, policy if isinstance(provenance, dict) else None, report)
+        _compare_index(folder, index, [f for f in facts if f.name not in truncated],
+                       policy if isinstance(provenance, dict) else None, report, truncated)
     rejected = _validate_rejects(folder / REJECTS_FILE, report)
-    if isinstance(provenance, dict) and isinstance(provenance.get("counts"), dict):
+    if isinstance(provenance, dict) and isinstance(provenance.get("counts"), dict) and not truncated:
         counts = provenance["counts"]
         if counts.get("written") != report.samples:
             report.problems.append(Problem(str(folder / PROVENANCE_FILE), None,
@@ -326,8 +331,9 @@ def _read_index(folder: Path, report: ValidationReport):
 
 
 def _compare_index(folder: Path, index, facts: list[ShardFacts], policy: str | None,
-                   report: ValidationReport) -> None:
-    """The index must describe exactly the shards: names, counts, kinds, keys (checksums: per sample) and bank."""
+                   report: ValidationReport, truncated: list[str] = ()) -> None:
+    """The index must describe exactly the shards: names, counts, kinds, keys (checksums: per sample) and bank.
+    `truncated` shards (already reported) are left out of `facts` and are not compared; nor is the bank then."""
     where = str(folder / INDEX_FILE)
 
     def problem(message: str) -> None:
@@ -335,7 +341,7 @@ def _compare_index(folder: Path, index, facts: list[ShardFacts], policy: str | N
 
     if policy is not None and index.label_policy != policy:
         problem(f"label_policy is {index.label_policy!r}, provenance.json says {policy!r}")
-    names = {shard.name for shard in facts}
+    names = {shard.name for shard in facts} | set(truncated)
     for name in sorted(set(index.shards) - names):
         problem(f"lists {name}, which does not exist")
     for name in sorted(names - set(index.shards)):
@@ -353,6 +359,8 @@ def _compare_index(folder: Path, index, facts: list[ShardFacts], policy: str | N
             detail = "; ".join(([f"missing from the tar: {', '.join(missing[:3])}"] if missing else [])
                                + ([f"not in the index: {', '.join(extra[:3])}"] if extra else []))
             problem(f"{shard.name}: sample keys differ from {index.checksums['file']} ({detail or 'order differs'})")
+    if truncated:
+        return
     bank = BankArrays.from_entries(merge_bank_entries({}, facts))
     recorded_bank = index.bank_arrays()
     if recorded_bank.entries() != bank.entries():
@@ -381,7 +389,12 @@ def _validate_rejects(path: Path, report: ValidationReport) -> int | None:
 
 
 def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str], policy: str,
-                  longer_side: int | None, decode_images: bool, checksums: dict[str, str] | None) -> ShardFacts:
+                  longer_side: int | None, decode_images: bool, checksums: dict[str, str] | None,
+                  expected_count: int | None = None, facts_truncated: list[str] | None = None) -> ShardFacts:
+    """Check one shard. A tar that ends early (cut mid-member or without its end blocks) is one problem with
+    counts (`_truncation_problem`); the sample it cut is not checked member by member."""
+    facts_truncated = [] if facts_truncated is None else facts_truncated
+
     def problem(member: str | None, message: str) -> None:
         report.problems.append(Problem(str(path), member, message))
 
@@ -408,8 +421,14 @@ def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str
                 if ext in samples[-1][1]:
                     problem(member.name, f"second .{ext} member for key {key}")
                 samples[-1][1][ext] = tar.extractfile(member).read()
+        if not _has_end_blocks(path):  # cut at a member boundary: tarfile reads it as a shorter, whole archive
+            raise EOFError("no end-of-archive blocks: cut at a member boundary")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        problem(None, f"unreadable tar: {exc}")
+        if not _is_truncation(exc):
+            problem(None, f"unreadable tar: {exc}")
+        else:
+            report.problems.append(_truncation_problem(path, exc, samples, checksums, expected_count))
+            facts_truncated.append(path.name)
     for key, members in samples:
         expected = None if checksums is None else checksums.get(key, "")
         document, found = check_sample(key, members, shard=str(path), policy=policy, checksum=expected,
@@ -421,6 +440,44 @@ def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str
             facts.keys.append(key)
             facts.checksums.append(sample_checksum(members))
     return facts
+
+
+def _has_end_blocks(path: Path) -> bool:
+    """Whether the tar ends with the two zero 512-byte blocks every complete archive ends with."""
+    size = path.stat().st_size
+    if size < 1024:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(size - 1024)
+        return handle.read(1024) == bytes(1024)
+
+
+def _is_truncation(exc: BaseException) -> bool:
+    """A tar that ends before its data does (as opposed to bytes that are not a tar at all)."""
+    return isinstance(exc, EOFError) or "unexpected end of data" in str(exc) or "truncated" in str(exc)
+
+
+def _truncation_problem(path: Path, exc: BaseException, samples: list[tuple[str, dict[str, bytes]]],
+                        checksums: dict[str, str] | None, expected: int | None) -> Problem:
+    """The one problem of a truncated shard: what is readable and what is missing. The last sample read is
+    dropped from `samples` unless the index's checksum shows it complete (the cut may have taken its later
+    members)."""
+    if samples:
+        key, members = samples[-1]
+        if checksums is None or checksums.get(key) != sample_checksum(members):
+            samples.pop()
+    if checksums is not None:
+        expected = len(checksums)
+        read = {key for key, _ in samples}
+        missing = [key for key in checksums if key not in read]
+        detail = (f"{len(samples)} complete samples readable, {len(missing)} of the {expected} samples the index "
+                  f"lists are missing" + (f" (first missing: {missing[0]})" if missing else ""))
+    elif expected is not None:
+        detail = f"{len(samples)} complete samples readable of the {expected} sizes.json lists"
+    else:
+        detail = f"{len(samples)} complete samples readable"
+    return Problem(str(path), None, f"truncated tar ({exc}; {path.stat().st_size} bytes): {detail}; restore the "
+                                    "file or rebuild the shards (the index and sizes.json describe the whole shard)")
 
 
 def _add_facts(facts: ShardFacts, key: str, document: dict, members: dict[str, bytes]) -> None:

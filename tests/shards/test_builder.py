@@ -200,3 +200,47 @@ def test_cli_text_shards_with_the_real_labeler(tmp_path, capsys):
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["labeler"]["rules_hash"] and provenance["text_unit"] == "sentence"
     assert validate_shards(out).ok
+
+
+CTRL_C_BUILD = """
+import sys
+if sys.argv[2] == "slow":
+    import tests.shards.slow_build  # noqa: F401
+from open_clip_medclip.cli import main
+sample = sys.argv[3]
+raise SystemExit(main(["shards", "build", "--source", "nih", "--csv", f"{sample}/nih_cxr14/labels.csv", "--root",
+                       f"{sample}/nih_cxr14", "--out", sys.argv[1], "--image-size", "64", "--samples-per-shard", "4",
+                       "--workers", "2", "--no-progress"]))
+"""
+
+
+def test_second_ctrl_c_exits_quietly_and_the_build_resumes(tmp_path):
+    """Issue 24: Ctrl-C twice (to the whole process group, as a terminal does) during a 2-worker build: no
+    traceback from the command or its workers, exit status 130 (a shell's value for death by SIGINT too), and the
+    rerun completes to the bytes of an uninterrupted build."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference, out = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run([sys.executable, "-c", CTRL_C_BUILD, str(reference), "fast", str(SAMPLE)], check=True, env=env,
+                   capture_output=True)
+    process = subprocess.Popen([sys.executable, "-c", CTRL_C_BUILD, str(out), "slow", str(SAMPLE)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "nih-000002.tar").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        assert process.poll() is None, "the build ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode in (130, -signal.SIGINT), (process.returncode, err)
+    assert err.strip() == "medclip shards: interrupted", err
+    subprocess.run([sys.executable, "-c", CTRL_C_BUILD, str(out), "fast", str(SAMPLE)], check=True, env=env,
+                   capture_output=True)
+    assert folder_bytes(out) == folder_bytes(reference)

@@ -236,8 +236,14 @@ def test_clear_errors(tmp_path: Path, small_shards):
     with pytest.raises(UserError, match="need a sentence bank"):
         plan_streams(_args(str(images_only / "train-000000.tar")), is_train=True)
     missing = str(Path(small_shards["image"][0]).with_name("train-000099.tar"))
-    with pytest.raises(UserError, match=r"train-000099.tar: shard 'train-000099.tar' is not in the shard index"):
+    with pytest.raises(UserError, match=r"train-000099.tar: no such file$"):  # not "rewrite the index" (issue 24)
         plan_streams(_args(missing), is_train=True)
+    Path(missing).write_bytes(Path(small_shards["image"][0]).read_bytes())
+    try:  # a shard that exists but the index does not list: the index is stale
+        with pytest.raises(UserError, match=r"train-000099.tar: shard 'train-000099.tar' is not in the shard index"):
+            plan_streams(_args(missing), is_train=True)
+    finally:
+        Path(missing).unlink()
     with pytest.raises(UserError, match="needs --dataset-resampled"):
         get_medclip_wds_dataset(_args(small_shards["image"][0], train_data_upsampling_factors="1",
                                       medclip_bank_data=small_shards["text"][0]), _image, True, tokenizer=_tokenizer)
