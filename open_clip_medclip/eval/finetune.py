@@ -137,7 +137,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
     """A classifier saved by `medclip eval finetune`, in eval mode: `classifier(batch)` -> logits, with
     `.class_names`, `.activation` ('softmax' / 'sigmoid'), `.preprocess` (PIL image -> tensor) and
     `.probabilities(batch)`. Reads tensors and JSON only (safetensors), never pickled code."""
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -147,7 +147,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable classifier file ({exc})") from None
     if metadata.get("format") != CLASSIFIER_FORMAT:
         raise UserError(f"{path}: not a classifier saved by medclip eval finetune (format "
