@@ -1,4 +1,5 @@
-"""Paired comparison of two training losses over seeds: AUCs, the paired difference and its bootstrap CI.
+"""Paired comparison of two arms over seeds (the demo's two training losses, `eval finetune`'s starts): AUCs (or
+accuracies, `accuracy_rows`), the paired difference and its bootstrap CI.
 
 Scores come as (seeds, images) for a binary suite or (seeds, images, findings) for a multi-label one (the AUC
 is then the mean of the per-finding AUCs). One bootstrap draws, per resample, the held-out images with
