@@ -327,6 +327,8 @@ class FinetuneOptions:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 2 or self.seeds < 1:
             raise UserError("--epochs and --seeds must be at least 1, --batch-size at least 2")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"--patience {self.patience}: must be at least 1")
         if self.select is not None and self.select not in SELECT_METRICS:
             raise UserError(f"--select {self.select}: choose from {', '.join(SELECT_METRICS)}")
 
@@ -399,7 +401,11 @@ def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[
     total_steps = options.epochs * len(loader)
     autocast = _autocast(device, options.precision)
     loss_fn = nn.BCEWithLogitsLoss() if suite.multilabel else nn.CrossEntropyLoss()
-    while state["epoch"] < options.epochs:
+    def stopped_early() -> bool:
+        return (options.patience is not None and state["best"] is not None
+                and state["epoch"] - state["best"]["epoch"] >= options.patience)
+
+    while state["epoch"] < options.epochs and not stopped_early():
         epoch = state["epoch"]
         classifier.train()
         started, seen, losses = time.perf_counter(), 0, []
@@ -443,8 +449,6 @@ def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[
                      "torch_rng": torch.get_rng_state(), **state}, progress_path)
         if after_epoch is not None:
             after_epoch(epoch + 1)
-        if options.patience is not None and state["epoch"] - state["best"]["epoch"] >= options.patience:
-            break
     classifier.load_state_dict(state["best"]["weights"])
     return {"select": select, "best_epoch": state["best"]["epoch"], "epochs_run": state["epoch"],
             "history": state["history"],
@@ -498,10 +502,11 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def run_key(suite: Suite, model_name: str, init: str, checkpoint: str | None, seed: int,
-            options: FinetuneOptions) -> str:
-    """What a run's result depends on; a saved run with another key is restarted."""
+            options: FinetuneOptions, test: Sequence[SuiteEntry] = ()) -> str:
+    """What a run's result (and its stored test logits) depends on; a saved run with another key is restarted."""
     settings = {k: v for k, v in asdict(options).items() if k not in ("workers", "seeds", "bootstrap")}
     payload = {"suite": suite.manifest_sha256, "model": model_name, "init": init, "seed": seed,
+               "test": hashlib.sha256("\n".join(e.id for e in test).encode()).hexdigest(),
                "checkpoint": _file_digest(checkpoint) if init == "checkpoint" else None, **settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -511,7 +516,7 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
             restart: bool = False, after_epoch: Callable[[int], None] | None = None) -> dict:
     """One start and seed: reuse a finished run with the same settings, resume an interrupted one, or train; then
     the test split, once. Returns the run record (also in `run_dir/run.json`)."""
-    key = run_key(suite, model_name, init, checkpoint, seed, options)
+    key = run_key(suite, model_name, init, checkpoint, seed, options, splits.test)
     record_path, classifier_path = run_dir / RUN_FILE, run_dir / CLASSIFIER_FILE
     if restart and run_dir.exists():
         shutil.rmtree(run_dir)
