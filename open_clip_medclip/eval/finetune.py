@@ -574,7 +574,7 @@ def _spread(values: Sequence[float | None]) -> dict:
 def compare_starts(suite: Suite, targets: np.ndarray, logits: dict[str, np.ndarray], bootstrap: int, seed: int
                    ) -> dict:
     """Per start (logits (S, n, C) over seeds): accuracy and mean AUC over seeds with bootstrap CIs over test images
-    and seeds, and the paired difference to the first start (`demo_stats.paired_comparison`)."""
+    and seeds, and the paired difference start − first start (`demo_stats.paired_comparison`)."""
     from scipy.special import expit
 
     from open_clip_medclip.demo_stats import accuracy_rows, auc_rows, paired_comparison
@@ -592,7 +592,7 @@ def compare_starts(suite: Suite, targets: np.ndarray, logits: dict[str, np.ndarr
     for start in starts:
         out[start] = {}
         for metric, (scores, positives, rows) in views.items():
-            result = paired_comparison(scores, positives, first, start, bootstrap, seed, metric=rows, name=metric)
+            result = paired_comparison(scores, positives, start, first, bootstrap, seed, metric=rows, name=metric)
             out[start][metric] = result[metric][start]
             if start != first:
                 out[start][f"{metric}_difference"] = result["difference"]

@@ -260,6 +260,22 @@ def test_multilabel_suite_trains_with_sigmoid_and_reports_per_finding_auc(tmp_pa
                      progress=False)
 
 
+def test_paired_differences_are_start_minus_first(tiny_suite):
+    from open_clip_medclip.eval.finetune import compare_starts
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, 120)
+    good = np.stack([np.eye(2)[targets] * 3 + rng.normal(size=(120, 2)) for _ in range(2)])
+    poor = np.stack([np.eye(2)[targets] * 0.3 + rng.normal(size=(120, 2)) for _ in range(2)])
+    result = compare_starts(load_suite(tiny_suite), targets, {"poor": poor, "good": good}, 200, 0)
+    for metric in ("accuracy", "macro_auc"):
+        difference = result["good"][f"{metric}_difference"]
+        assert difference["value"] == pytest.approx(result["good"][metric]["value"] - result["poor"][metric]["value"])
+        assert difference["ci95"][0] > 0, metric  # clearly better: the whole CI above 0
+    expected = np.mean([(g.argmax(1) == targets).mean() for g in good])
+    assert result["good"]["accuracy"]["value"] == pytest.approx(expected)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: several starts in one call, the table with paired differences, one-line errors
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,3 +310,15 @@ def test_cli_errors_are_one_line(tiny_suite, tmp_path):
         main([*base, "--init", "checkpoint"])
     with pytest.raises(UserError, match="--train-fraction"):
         main([*base, "--init", "random", "--train-fraction", "0"])
+
+
+@pytest.mark.slow
+def test_loop_benchmark_runs_tiny(capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_finetune.py"
+    spec = importlib.util.spec_from_file_location("bench_finetune", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", TINY, "--repeats", "1", "--no-out"]) == 0
+    assert "bare PyTorch loop" in capsys.readouterr().out
