@@ -401,6 +401,7 @@ def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[
     total_steps = options.epochs * len(loader)
     autocast = _autocast(device, options.precision)
     loss_fn = nn.BCEWithLogitsLoss() if suite.multilabel else nn.CrossEntropyLoss()
+
     def stopped_early() -> bool:
         return (options.patience is not None and state["best"] is not None
                 and state["epoch"] - state["best"]["epoch"] >= options.patience)
