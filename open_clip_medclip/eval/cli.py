@@ -73,7 +73,8 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _common(parser: argparse.ArgumentParser, needs_text: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, needs_text: bool = True,
+            seed_help: str = "bootstrap (and probe) seed") -> None:
     parser.add_argument("--model", required=True, help="OpenCLIP model name, e.g. medclip-swin or medclip-tiny")
     parser.add_argument("--pretrained", default=None, help="checkpoint file/dir or tag; omit or 'none' for random weights")
     parser.add_argument("--suite", nargs="+", required=True,
@@ -85,7 +86,7 @@ def _common(parser: argparse.ArgumentParser, needs_text: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for 95%% CIs (0 = none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap (and probe) seed")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N test images (smoke runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune the image tower + a linear head (train -> val selection -> test); "
                         "several starts and seeds in one call")
-    _common(ft)
+    _common(ft, seed_help="seed of the validation carve and train fraction, of the first run and of the bootstrap")
     ft.add_argument("--init", nargs="+", choices=("checkpoint", "imagenet", "random"), default=["checkpoint"],
                     help="starts, compared on identical splits, seeds and budget (paired differences vs the first): "
                          "checkpoint = the --pretrained checkpoint's image tower, imagenet = the tower's timm ImageNet "
