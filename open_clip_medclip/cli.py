@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "label": ("open_clip_medclip.knowledge.cli", "label report sentences with the 14 CheXpert findings"),
     "shards": ("open_clip_medclip.shards.cli", "build or validate labelled WebDataset shards"),
     "train": ("open_clip_medclip.train", "train inside OpenCLIP's trainer with the semantic matching loss"),
-    "eval": ("open_clip_medclip.eval.cli", "zero-shot, retrieval and linear-probe evaluation"),
+    "eval": ("open_clip_medclip.eval.cli", "zero-shot, retrieval, linear-probe and fine-tuning evaluation"),
     "predict": ("open_clip_medclip.predict_cli", "zero-shot predictions (and heatmaps) for your own X-ray files"),
     "demo": ("open_clip_medclip.demo", "label, shard, train and evaluate on the bundled real sample"),
 }

@@ -1,4 +1,5 @@
-"""Paired comparison of two training losses over seeds: AUCs, the paired difference and its bootstrap CI.
+"""Paired comparison of two arms over seeds (the demo's two training losses, `eval finetune`'s starts): AUCs (or
+accuracies, `accuracy_rows`), the paired difference and its bootstrap CI.
 
 Scores come as (seeds, images) for a binary suite or (seeds, images, findings) for a multi-label one (the AUC
 is then the mean of the per-finding AUCs). One bootstrap draws, per resample, the held-out images with
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -55,11 +56,20 @@ def verdict(ci: Sequence[float | None], better: str, worse: str) -> str:
     return TIE
 
 
-def paired_comparison(scores: Mapping[str, np.ndarray], positives: np.ndarray, first: str, second: str,
-                      num_resamples: int = 1000, seed: int = 0) -> dict:
-    """Per-loss AUC and the paired difference `first − second`, with bootstrap 95% CIs (see module doc).
+def accuracy_rows(correct: np.ndarray, _positives: np.ndarray | None, rows: np.ndarray | None) -> np.ndarray:
+    """Accuracy for each row of image indices `rows` (R, m) from per-image correctness (n,); `rows=None` -> (1,)."""
+    correct = np.asarray(correct, dtype=np.float64)
+    return correct[None, :].mean(axis=1) if rows is None else correct[rows].mean(axis=1)
 
-    `scores[loss]`: (S, n) or (S, n, F), the same images in the same order for every loss and seed.
+
+def paired_comparison(scores: Mapping[str, np.ndarray], positives: np.ndarray, first: str, second: str,
+                      num_resamples: int = 1000, seed: int = 0, metric: Callable = auc_rows,
+                      name: str = "auc") -> dict:
+    """Per-arm metric (AUC by default) and the paired difference `first − second`, with bootstrap 95% CIs (see
+    module doc). The per-arm values are under `name`.
+
+    `scores[arm]`: (S, n) or (S, n, F), the same images in the same order for every arm and seed; `metric(scores,
+    positives, rows)` is `auc_rows` or another function of that form (`accuracy_rows`: scores = 0/1 correctness).
     """
     first_scores, second_scores = np.asarray(scores[first]), np.asarray(scores[second])
     if first_scores.shape != second_scores.shape:
@@ -71,8 +81,8 @@ def paired_comparison(scores: Mapping[str, np.ndarray], positives: np.ndarray, f
     point, boot = {}, {}
     for loss in (first, second):
         values = np.asarray(scores[loss])
-        point[loss] = np.array([auc_rows(values[s], positives, None)[0] for s in range(num_seeds)])
-        boot[loss] = np.stack([auc_rows(values[s], positives, image_rows) for s in range(num_seeds)], axis=1)
+        point[loss] = np.array([metric(values[s], positives, None)[0] for s in range(num_seeds)])
+        boot[loss] = np.stack([metric(values[s], positives, image_rows) for s in range(num_seeds)], axis=1)
 
     def over_seeds(matrix: np.ndarray) -> np.ndarray:  # (R, S) -> (R,) mean over the resampled seeds
         with _quiet():
@@ -93,7 +103,7 @@ def paired_comparison(scores: Mapping[str, np.ndarray], positives: np.ndarray, f
         "num_images": int(n),
         "num_seeds": int(num_seeds),
         "num_resamples": int(num_resamples),
-        "auc": {loss: {"value": finite_or_none(np.mean(point[loss])), "ci95": quantile_ci(over_seeds(boot[loss])),
+        name: {loss: {"value": finite_or_none(np.mean(point[loss])), "ci95": quantile_ci(over_seeds(boot[loss])),
                        "per_seed": [finite_or_none(v) for v in point[loss]]} for loss in (first, second)},
         "difference": difference,
         "verdict": verdict(difference["ci95"], first, second),

@@ -1,4 +1,4 @@
-"""`medclip eval {zeroshot,retrieval,linear-probe,build-suite}`: thin commands over the eval library.
+"""`medclip eval {zeroshot,retrieval,linear-probe,finetune,build-suite}`: thin commands over the eval library.
 
 Each evaluation writes, per suite, `<out>/<suite>/<task>.json` (all metrics with bootstrap CIs, prompts,
 manifest hash), a markdown table and PNGs (t-SNE, ROC, confusion matrix), and prints the table plus a short
@@ -45,10 +45,11 @@ TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".zip", ".ckpt")
 
 
-def load_model(name: str, pretrained: str | None, device: str):
+def load_model(name: str, pretrained: str | None, device: str, **create_kwargs):
     """(model, val preprocess, tokenizer) through OpenCLIP after registering the MedCLIP configs.
 
-    An unknown model name or a checkpoint path that does not exist is a one-line `UserError`.
+    An unknown model name or a checkpoint path that does not exist is a one-line `UserError`; `create_kwargs` go
+    to `open_clip.create_model_and_transforms` (e.g. `pretrained_image=True`).
     """
     import open_clip
 
@@ -60,7 +61,8 @@ def load_model(name: str, pretrained: str | None, device: str):
     if pretrained and not os.path.exists(pretrained) and (
             os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)):
         raise UserError(f"--pretrained {pretrained}: no such checkpoint file or folder")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                 **create_kwargs)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(name)
 
@@ -71,7 +73,8 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _common(parser: argparse.ArgumentParser, needs_text: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, needs_text: bool = True,
+            seed_help: str = "bootstrap (and probe) seed") -> None:
     parser.add_argument("--model", required=True, help="OpenCLIP model name, e.g. medclip-swin or medclip-tiny")
     parser.add_argument("--pretrained", default=None, help="checkpoint file/dir or tag; omit or 'none' for random weights")
     parser.add_argument("--suite", nargs="+", required=True,
@@ -83,7 +86,7 @@ def _common(parser: argparse.ArgumentParser, needs_text: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for 95%% CIs (0 = none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap (and probe) seed")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N test images (smoke runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -150,9 +153,11 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _finish(task: str, rows: list[tuple[str, dict]], columns, out: Path, failures: list[str]) -> int:
-    """Print the table; write `<out>/<task>.md` only when every suite succeeded; a failure is a UserError."""
-    table = markdown_table(rows, columns)
+def _finish(task: str, rows: list[tuple[str, dict]], columns, out: Path, failures: list[str],
+            table: str | None = None) -> int:
+    """Print the table (`markdown_table(rows, columns)` unless given); write `<out>/<task>.md` only when every suite
+    succeeded; a failure is a UserError."""
+    table = markdown_table(rows, columns) if table is None else table
     if rows:
         print(table)
     extras = "" if task == "retrieval" else " (+ PNGs)"
@@ -285,6 +290,60 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     return _finish("linear_probe", rows, TABLE_COLUMNS, Path(args.out), failures)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from open_clip_medclip.demo import environment
+    from open_clip_medclip.eval.finetune import RUNS_FOLDER, FinetuneOptions, run_finetune
+
+    options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+                              val_fraction=args.val_fraction, train_fraction=args.train_fraction, freeze=args.freeze,
+                              patience=args.patience, select=args.select, precision=args.precision,
+                              workers=args.workers, seed=args.seed, seeds=args.seeds, bootstrap=args.bootstrap)
+    options.check()
+    suites = _open_suites(args)
+    device = resolve_device(args.device)
+    rows, tables, failures = [], [], []
+
+    def evaluate(suite):
+        return run_finetune(suite, args.model, args.init, args.pretrained, options, device,
+                            Path(args.out) / suite.name / RUNS_FOLDER, progress=not args.quiet, restart=args.restart,
+                            max_test_images=args.max_images)
+
+    for suite, summary, stage in _each_suite(args, suites, evaluate, failures):
+        summary["environment"] = {**environment(), "device": str(device)}
+        if not args.no_plots:
+            summary["plots"] = _final_paths(_finetune_plots(stage, suite, summary), Path(args.out) / suite.name)
+        (stage / "finetune.md").write_text(summary["table"] + "\n", encoding="utf-8")
+        _write_json(stage / "finetune.json", summary)
+        tables.append(f"{suite.name} ({summary['num_test']} test images, {len(summary['seeds'])} seed(s); "
+                      f"mean over seeds, bootstrap 95% CIs over test images and seeds):\n\n{summary['table']}")
+        rows.append((suite.name, summary))
+    if rows:
+        print(f"\nClassifiers: {Path(args.out)}/<suite>/{RUNS_FOLDER}/<start>-seed<k>/classifier.safetensors "
+              "(load with open_clip_medclip.eval.finetune.load_classifier).")
+    return _finish("finetune", rows, (), Path(args.out), failures, table="\n\n".join(tables))
+
+
+def _finetune_plots(stage: Path, suite, summary: dict) -> list[str]:
+    """ROC and confusion matrix of each start's first seed."""
+    import numpy as np
+
+    written = []
+    for start, row in summary["starts"].items():
+        first = row["runs"][0]
+        logits = np.asarray(first["test_logits"])
+        targets = np.asarray(summary["test_targets"])
+        title = f"{suite.name}: {summary['model']} fine-tuned from {start}, seed {first['seed']}"
+        probabilities = 1 / (1 + np.exp(-logits)) if suite.multilabel else softmax(logits)
+        written.append(str(plots.roc_png(targets, probabilities, suite.classes, stage / f"finetune_{start}_roc.png",
+                                         title=f"{title}: ROC")))
+        if not suite.multilabel:
+            written.append(str(plots.confusion_png(first["metrics"]["confusion_matrix"], suite.classes,
+                                                   stage / f"finetune_{start}_confusion.png",
+                                                   title=f"{title}: confusion")))
+    return written
+
+
 def cmd_build_suite(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else suites_root() / Path(args.name).stem
     definition: str | dict = args.name
@@ -339,6 +398,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(lp)
     lp.add_argument("--train-fraction", type=float, default=1.0, help="seeded per-class fraction of the train split")
     lp.set_defaults(func=cmd_linear_probe)
+
+    ft = sub.add_parser("finetune", help="fine-tune the image tower + a linear head (train -> val selection -> test); "
+                        "several starts and seeds in one call")
+    _common(ft, seed_help="seed of the validation carve and train fraction, of the first run and of the bootstrap")
+    ft.add_argument("--init", nargs="+", choices=("checkpoint", "imagenet", "random"), default=["checkpoint"],
+                    help="starts, compared on identical splits, seeds and budget (paired differences vs the first): "
+                         "checkpoint = the --pretrained checkpoint's image tower, imagenet = the tower's timm ImageNet "
+                         "weights where available offline, random")
+    ft.add_argument("--freeze", action="store_true",
+                    help="train only a linear head on the frozen tower: the linear probe (same numbers)")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up then cosine)")
+    ft.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases and norms)")
+    ft.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up")
+    ft.add_argument("--train-fraction", type=float, default=1.0,
+                    help="seeded per-class fraction of the train split trained on (e.g. 0.01, 0.1, 1)")
+    ft.add_argument("--val-fraction", type=float, default=0.2,
+                    help="seeded per-class share of the train split held out for model selection (0 = last epoch)")
+    ft.add_argument("--seeds", type=int, default=1, help="runs per start, seeds --seed .. --seed+N-1 (spread reported)")
+    ft.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better validation score")
+    ft.add_argument("--select", choices=("accuracy", "macro_auc", "loss"), default=None,
+                    help="validation metric choosing the epoch (default: accuracy; mean AUC for multi-label)")
+    ft.add_argument("--precision", choices=("amp", "fp32"), default="amp", help="amp = bf16 autocast on CUDA")
+    ft.add_argument("--restart", action="store_true", help="discard finished and interrupted runs and train again")
+    ft.set_defaults(func=cmd_finetune)
 
     bs = sub.add_parser("build-suite", help="pin a suite from raw data: manifest + sha256 + CLIP_benchmark wds layout")
     bs.add_argument("name", help=f"packaged suite ({', '.join(available_suites())}), a definition JSON or a suite CSV")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,42 +20,50 @@ from open_clip_medclip.eval.suites import Suite, SuiteError, load_suite
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 
 
-def _subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Seeded per-class fraction of the training rows (at least one per class)."""
+def per_class_sample(labels: np.ndarray, fraction: float, seed: int, leave_one: bool = False) -> np.ndarray:
+    """Sorted rows of a seeded per-class fraction: at least one per class, or, with `leave_one`, at most all but one
+    (so carving a validation set never empties a class). Multi-label targets (n, C) are grouped by label set."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1)
     rng = np.random.default_rng(seed)
     keep = []
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        keep += list(rng.permutation(rows)[:max(1, int(round(len(rows) * fraction)))])
+        count = max(1, int(round(len(rows) * fraction)))
+        if leave_one:
+            count = min(count, len(rows) - 1)
+        keep += list(rng.permutation(rows)[:count])
     return np.sort(np.array(keep, np.int64))
 
 
-def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Callable,
-                     device: str | torch.device = "cpu", *, train_fraction: float = 1.0, cs: Sequence[float] = DEFAULT_CS,
-                     seed: int = 0, batch_size: int = 32, num_workers: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP,
+@dataclass
+class ProbeFit:
+    """A fitted probe and what it was fitted on (`fit_linear_probe`)."""
+
+    classifier: object  # sklearn LogisticRegression
+    best_c: float
+    folds: int
+    num_train: int
+    failures: list[dict]
+
+
+def fit_linear_probe(model: torch.nn.Module, suite: Suite, entries: Sequence, preprocess: Callable,
+                     device: str | torch.device = "cpu", *, train_fraction: float = 1.0,
+                     cs: Sequence[float] = DEFAULT_CS, seed: int = 0, batch_size: int = 32, num_workers: int = 0,
                      progress: bool = True, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """Fit on train embeddings, score test; returns (metrics, test features, test targets, test logits)."""
+                     ) -> ProbeFit:
+    """Embed `entries` (the train split) with the frozen tower, take the seeded per-class `train_fraction` and fit a
+    logistic regression whose C is picked by stratified cross-validation. `eval finetune --freeze` shares this."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-    suite = suite if isinstance(suite, Suite) else load_suite(suite)
-    if suite.multilabel:
-        raise SuiteError(f"{suite.source}: the linear probe needs a multiclass suite")
-    train_entries, test_entries = suite.split("train"), suite.split("test")
-    if not train_entries:
-        raise SuiteError(f"{suite.source}: the suite has no train split; rebuild it or add split=train rows")
-    suite.check_images(train_entries + test_entries)
     with evaluation_mode(model) as model:
-        embedded = {}
-        for name, entries in (("train", train_entries), ("test", test_entries)):
-            features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
-                                                    batch_size, num_workers, progress, autocast)
-            embedded[name] = (features, suite.label_index([entries[i] for i in kept]), failures)
-    x_train, y_train, train_failures = embedded["train"]
-    x_test, y_test, test_failures = embedded["test"]
+        x_train, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
+                                               batch_size, num_workers, progress, autocast)
+    y_train = suite.label_index([entries[i] for i in kept])
     if train_fraction < 1.0:
-        rows = _subsample(y_train, train_fraction, seed)
+        rows = per_class_sample(y_train, train_fraction, seed)
         x_train, y_train = x_train[rows], y_train[rows]
     if len(np.unique(y_train)) < 2:
         raise SuiteError(f"{suite.source}: the train split has fewer than 2 classes")
@@ -68,12 +77,36 @@ def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Cal
     else:
         best_c = float(cs[len(cs) // 2])
         classifier.set_params(C=best_c).fit(x_train, y_train)
+    return ProbeFit(classifier, best_c, folds, int(len(y_train)), failures)
+
+
+def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Callable,
+                     device: str | torch.device = "cpu", *, train_fraction: float = 1.0, cs: Sequence[float] = DEFAULT_CS,
+                     seed: int = 0, batch_size: int = 32, num_workers: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP,
+                     progress: bool = True, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                     ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """Fit on train embeddings, score test; returns (metrics, test features, test targets, test logits)."""
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    if suite.multilabel:
+        raise SuiteError(f"{suite.source}: the linear probe needs a multiclass suite")
+    train_entries, test_entries = suite.split("train"), suite.split("test")
+    if not train_entries:
+        raise SuiteError(f"{suite.source}: the suite has no train split; rebuild it or add split=train rows")
+    suite.check_images(train_entries + test_entries)
+    fit = fit_linear_probe(model, suite, train_entries, preprocess, device, train_fraction=train_fraction, cs=cs,
+                           seed=seed, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                           autocast=autocast)
+    with evaluation_mode(model) as model:
+        x_test, kept, test_failures = embed_images(model, preprocess, [e.image_path for e in test_entries], device,
+                                                   batch_size, num_workers, progress, autocast)
+    y_test = suite.label_index([test_entries[i] for i in kept])
+    classifier, best_c, folds, train_failures = fit.classifier, fit.best_c, fit.folds, fit.failures
     logits = np.full((len(x_test), len(suite.classes)), -np.inf)
     logits[:, classifier.classes_] = classifier.predict_log_proba(x_test)
     metrics = classification_metrics(y_test, np.maximum(logits, -1e9), suite.classes, num_resamples, seed)
     metrics.update({"suite": suite.name, "classes": suite.classes, "manifest_sha256": suite.manifest_sha256,
                     "probe": {"model": "LogisticRegression", "C": best_c, "cv_folds": folds, "train_fraction": train_fraction,
-                              "num_train": int(len(y_train)), "seed": seed},
+                              "num_train": fit.num_train, "seed": seed},
                     "num_images": len(test_entries),
                     "num_excluded_corrupt": len(train_failures) + len(test_failures),
                     "excluded_corrupt": train_failures + test_failures})

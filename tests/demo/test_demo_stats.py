@@ -76,3 +76,18 @@ def test_mean_roc_band_contains_the_curve():
     assert np.all(np.diff(roc["tpr"]) >= -1e-12)
     inside = (roc["tpr_low"] - 1e-9 <= roc["tpr"]) & (roc["tpr"] <= roc["tpr_high"] + 1e-9)
     assert inside.mean() > 0.9
+
+
+def test_accuracy_metric_gives_mean_accuracy_and_its_paired_difference():
+    from open_clip_medclip.demo_stats import accuracy_rows
+
+    rng = np.random.default_rng(3)
+    first = (rng.random((2, 50)) < 0.8).astype(float)  # per-seed, per-image correctness
+    second = (rng.random((2, 50)) < 0.6).astype(float)
+    result = paired_comparison({"a": first, "b": second}, None, "a", "b", 200, metric=accuracy_rows,
+                               name="accuracy")
+    assert result["accuracy"]["a"]["value"] == pytest.approx(first.mean())
+    assert result["accuracy"]["a"]["per_seed"] == pytest.approx(first.mean(axis=1).tolist())
+    assert result["difference"]["value"] == pytest.approx(first.mean() - second.mean())
+    low, high = result["accuracy"]["b"]["ci95"]
+    assert low < second.mean() < high and "auc" not in result
