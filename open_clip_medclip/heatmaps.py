@@ -41,12 +41,21 @@ def _linear_head(visual: nn.Module) -> nn.Linear:
 def check_heatmaps(model: nn.Module) -> None:
     """Raise `HeatmapUnsupported` (one line, why) unless `model`'s image tower has the structure exact heatmaps need
     (the numeric pooling check runs on every batch)."""
-    _linear_head(unwrap(model).visual)
+    check_tower(unwrap(model).visual)
+
+
+def check_tower(visual: nn.Module) -> None:
+    """`check_heatmaps` for a bare image tower (`model.visual`, or a fine-tuned classifier's tower)."""
+    _linear_head(visual)
 
 
 def projected_locations(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-location projected features (n, h, w, d), pooled embedding z (n, d)) of a preprocessed batch."""
-    visual = unwrap(model).visual
+    return tower_locations(unwrap(model).visual, images)
+
+
+def tower_locations(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`projected_locations` of a bare image tower: z is the tower's output, the mean of the per-location values."""
     projection = _linear_head(visual)
     trunk = visual.trunk
     dtype = next(visual.parameters()).dtype
@@ -74,6 +83,17 @@ def logit_shares(model: nn.Module, images: torch.Tensor, weights: torch.Tensor, 
     norm = pooled.norm(dim=-1).clamp_min(1e-12)[:, None, None, None]
     shares = linear_logits(projected / norm, weights.to(projected.device, projected.dtype), scale)
     return shares.permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def head_shares(visual: nn.Module, head: nn.Linear, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """(n, C, h, w) for a fine-tuned tower + linear head, `head(z)` or `head(z / |z|)`: per location l,
+    head(P f_l) (over |z| when normalised); an affine map of the mean is the mean of the affine maps, so the mean
+    over locations is exactly the classifier's logit."""
+    projected, pooled = tower_locations(visual, images)
+    if normalize:
+        projected = projected / pooled.norm(dim=-1).clamp_min(1e-12)[:, None, None, None]
+    return head(projected.to(head.weight.dtype)).float().permute(0, 3, 1, 2)
 
 
 def upsample(shares: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -25,7 +25,10 @@ on the command line that does not exist); 3 some inputs were rejected (listed in
 predicted and written).
 
 Classifiers are pluggable: `build_classifier` returns any `zero_shot.ImageClassifier` (classes, activation,
-logits(images), provenance()), so a fine-tuned head can take the zero-shot classifier's place.
+logits(images), provenance()). `--classifier FILE` takes a classifier saved by `medclip eval finetune`
+(`classifier.safetensors`) instead: model, preprocessing and class names come from the file (so `--model`,
+`--pretrained` and the prompt options are refused with it), and the provenance records the file's sha256 and the
+training record it holds.
 """
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ from open_clip_medclip import atomic
 from open_clip_medclip.errors import UserError, unknown_name_error
 
 REJECTED_EXIT_CODE = 3
+DEFAULT_MODEL = "medclip-swin"
+DEFAULT_ENSEMBLE = "logit"
+# Options that describe a zero-shot classifier; a saved fine-tuned classifier (`--classifier`) fixes all of them.
+ZERO_SHOT_OPTIONS = ("model", "pretrained", "findings", "classes", "prompts", "prompts_per_class", "ensemble")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"})
 LIST_SUFFIXES = frozenset({".csv", ".txt"})
 LIST_COLUMNS = ("path", "image", "file", "filename")
@@ -109,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Exit codes: 0 all predicted, 2 bad invocation, {REJECTED_EXIT_CODE} some inputs rejected "
                "(see the rejects file).")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files, folders, CSV/TXT lists")
-    parser.add_argument("--model", default="medclip-swin", help="OpenCLIP model name (default medclip-swin)")
+    parser.add_argument("--classifier", default=None, metavar="FILE",
+                        help="a fine-tuned classifier saved by `medclip eval finetune` (classifier.safetensors): "
+                             "model, preprocessing and classes come from it")
+    parser.add_argument("--model", default=None, help=f"OpenCLIP model name (default {DEFAULT_MODEL})")
     parser.add_argument("--pretrained", default=None, help="checkpoint file/dir or tag; omit or 'none' for random weights")
     parser.add_argument("--out", default="predictions.csv", help="CSV of predictions (JSON provenance beside it)")
     parser.add_argument("--findings", nargs="+", default=None,
@@ -120,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the packaged set that has the classes, else the class names)")
     parser.add_argument("--prompts-per-class", type=int, default=None, help="sample N prompts per class (default all)")
     parser.add_argument("--prompt-seed", type=int, default=42)
-    parser.add_argument("--ensemble", choices=("logit", "embed"), default="logit",
+    parser.add_argument("--ensemble", choices=("logit", "embed"), default=None,
                         help="logit = MedCLIP's PromptClassifier (default), embed = OpenCLIP's")
     parser.add_argument("--heatmaps", default=None, metavar="DIR", help="write per-class heatmaps (PNG + raw arrays)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
@@ -135,6 +145,11 @@ def check_task(args: argparse.Namespace) -> None:
     """Task options checked before the model loads (names, prompt sets)."""
     from open_clip_medclip.findings import CHEXPERT_FINDINGS
 
+    if args.classifier:
+        given = [f"--{name.replace('_', '-')}" for name in ZERO_SHOT_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"--classifier {args.classifier}: the model, preprocessing and classes come from the file; "
+                            f"drop {', '.join(given)}")
     if args.findings and (args.classes or args.prompts):
         raise UserError("--findings (multi-label) cannot be combined with --classes/--prompts (multi-class)")
     for name in args.findings or ():
@@ -167,12 +182,34 @@ def build_classifier(args: argparse.Namespace, model, tokenizer):
     from open_clip_medclip.zero_shot import ZeroShotClassifier
 
     if getattr(args, "class_prompts", None):
-        classifier = ZeroShotClassifier.from_prompts(model, tokenizer, args.class_prompts, args.ensemble)
+        classifier = ZeroShotClassifier.from_prompts(model, tokenizer, args.class_prompts,
+                                                     args.ensemble or DEFAULT_ENSEMBLE)
         classifier.description["prompt_set"] = args.prompt_set
         return classifier
     classifier = ZeroShotClassifier.multilabel(model, tokenizer, args.findings)
     classifier.description["prompt_set"] = "chexzero pairs"
     return classifier
+
+
+def load_classifier(args: argparse.Namespace, device):
+    """(classifier, preprocess, image tower) for the options: the fine-tuned classifier file (`--classifier`) or
+    a zero-shot classifier of `--model`/`--pretrained`. `--heatmaps` on a tower without exact heatmaps is refused
+    (one line) before any text is embedded."""
+    from open_clip_medclip.heatmaps import check_tower
+
+    if args.classifier:
+        from open_clip_medclip.eval.finetune import load_classifier as load_fine_tuned
+
+        classifier = load_fine_tuned(args.classifier, device)
+        if args.heatmaps:
+            check_tower(classifier.tower)
+        return classifier, classifier.preprocess, classifier.preprocess_cfg
+    from open_clip_medclip.eval.cli import load_model
+
+    model, preprocess, tokenizer = load_model(args.model or DEFAULT_MODEL, args.pretrained, device)
+    if args.heatmaps:
+        check_tower(model.visual)  # a tower where pooling and projection do not commute: one line, before any work
+    return build_classifier(args, model, tokenizer), preprocess, model.visual.preprocess_cfg
 
 
 def sha256_of(path: str | None) -> str | None:
@@ -294,18 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     from open_clip_medclip.errors import resolve_device
-    from open_clip_medclip.eval.cli import load_model
-    from open_clip_medclip.heatmaps import check_heatmaps
     from open_clip_medclip.zero_shot import activate
 
     device = resolve_device(args.device)
-    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device)
-    if args.heatmaps:
-        check_heatmaps(model)  # a tower where pooling and projection do not commute: one line, before any work
-    classifier = build_classifier(args, model, tokenizer)
+    classifier, preprocess, preprocess_cfg = load_classifier(args, device)
     if args.heatmaps and not hasattr(classifier, "heatmaps"):
         raise UserError(f"--heatmaps: the {type(classifier).__name__} classifier cannot draw heatmaps")
-    writer = HeatmapWriter(Path(args.heatmaps), classifier.classes, model.visual.preprocess_cfg) if args.heatmaps else None
+    writer = HeatmapWriter(Path(args.heatmaps), classifier.classes, preprocess_cfg) if args.heatmaps else None
     logits, kept, rejects = run_predictions(classifier, paths, preprocess, args.batch_size, args.workers, writer,
                                             progress=not args.quiet)
     probabilities = activate(logits, classifier.activation)
@@ -317,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out, ["path", *classes, "top_class"], rows)
     provenance = {
         "command": "medclip predict", "argv": list(sys.argv[1:] if argv is None else argv),
-        "model": args.model, "pretrained": args.pretrained, "checkpoint_sha256": sha256_of(args.pretrained),
+        "model": getattr(classifier, "model_name", None) or args.model or DEFAULT_MODEL,
+        "pretrained": args.pretrained, "checkpoint_sha256": sha256_of(args.pretrained),
         "classifier": classifier.provenance(), "device": str(device), "batch_size": args.batch_size,
         "versions": versions(), "num_inputs": len(paths), "num_predicted": len(rows), "num_rejected": len(rejects),
         "outputs": {"predictions": str(out), "rejects": str(rejects_path(out)), "heatmaps": args.heatmaps},

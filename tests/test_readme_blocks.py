@@ -46,7 +46,8 @@ def test_the_rule_finds_the_readme_examples():
     text = "\n".join(code for _, code in commands)
     for expected in ("create_model_and_transforms", "medclip eval build-suite pediatric-pneumonia --raw sample",
                      "medclip eval zeroshot", "python -m open_clip_medclip.benchmark eval",
-                     "ZeroShotClassifier.from_prompts", "mc.heatmap(", "medclip predict suites/pediatric/images"):
+                     "ZeroShotClassifier.from_prompts", "mc.heatmap(", "medclip predict suites/pediatric/images",
+                     "--classifier ft/", "mc.predict(classifier,"):
         assert expected in text, f"no README command tagged '{TAG}' contains {expected!r}"
     assert all("--raw /data" not in code for _, code in commands)  # untagged commands are left alone
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -87,6 +88,7 @@ class ImageClassifier(nn.Module):
         self.preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()}
         self.normalize_features = normalize_features
         self._preprocess: Callable | None = None
+        self.source: dict = {}  # set by `load_classifier`: the file, its sha256 and its training record
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.tower(images)
@@ -97,6 +99,36 @@ class ImageClassifier(nn.Module):
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         logits = self(images).float()
         return logits.softmax(dim=-1) if self.activation == "softmax" else logits.sigmoid()
+
+    # The zero-shot API's classifier interface (`zero_shot.ImageClassifier`), so `predict(...)` and
+    # `medclip predict --classifier` score a fine-tuned classifier through their own code.
+    @property
+    def classes(self) -> list[str]:
+        return self.class_names
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference logits: eval mode (no dropout / batch statistics), the previous mode restored."""
+        from open_clip_medclip.eval.embed import evaluation_mode
+
+        with evaluation_mode(self):
+            return self(images.to(self.head.weight.device))
+
+    @torch.no_grad()
+    def heatmaps(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, C, h, w) exact additive shares of each logit (`heatmaps.head_shares`; `HeatmapUnsupported` for a
+        tower whose pooling and projection do not commute)."""
+        from open_clip_medclip.eval.embed import evaluation_mode
+        from open_clip_medclip.heatmaps import head_shares
+
+        with evaluation_mode(self):
+            return head_shares(self.tower, self.head, images.to(self.head.weight.device), self.normalize_features)
+
+    def provenance(self) -> dict:
+        """What the classifier is: its file (path, sha256) and what the file says about its training."""
+        return {"classifier": "fine-tuned", "task": "multi-label" if self.activation == "sigmoid" else "multi-class",
+                "classes": self.class_names, "activation": self.activation, "model": self.model_name,
+                "normalize_features": self.normalize_features, **self.source}
 
     @property
     def preprocess(self) -> Callable:
@@ -119,8 +151,9 @@ class ImageClassifier(nn.Module):
         return medclip_train_transform(int(size), self.preprocess_cfg["mean"], self.preprocess_cfg["std"])
 
 
-def save_classifier(classifier: ImageClassifier, path: str | Path) -> Path:
-    """Write weights + metadata as one safetensors file, atomically."""
+def save_classifier(classifier: ImageClassifier, path: str | Path, training: dict | None = None) -> Path:
+    """Write weights + metadata (and `training`, a JSON-able record of how it was made) as one safetensors file,
+    atomically."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
@@ -128,7 +161,7 @@ def save_classifier(classifier: ImageClassifier, path: str | Path) -> Path:
                 "class_names": json.dumps(classifier.class_names), "activation": classifier.activation,
                 "preprocess": json.dumps(classifier.preprocess_cfg),
                 "normalize_features": json.dumps(classifier.normalize_features),
-                "feature_dim": str(classifier.head.in_features)}
+                "feature_dim": str(classifier.head.in_features), "training": json.dumps(training)}
     write_bytes(path, save(tensors, metadata=metadata))
     return Path(path)
 
@@ -152,13 +185,34 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
     if metadata.get("format") != CLASSIFIER_FORMAT:
         raise UserError(f"{path}: not a classifier saved by medclip eval finetune (format "
                         f"{metadata.get('format')!r}, expected {CLASSIFIER_FORMAT!r})")
-    tower = _create_model(metadata["model_name"]).visual
+    with _quiet_random_init():  # the random weights are replaced from the file just below
+        tower = _create_model(metadata["model_name"]).visual
     classifier = ImageClassifier(tower, int(metadata["feature_dim"]), json.loads(metadata["class_names"]),
                                  activation=metadata["activation"], model_name=metadata["model_name"],
                                  preprocess_cfg=json.loads(metadata["preprocess"]),
                                  normalize_features=json.loads(metadata["normalize_features"]))
     classifier.load_state_dict(tensors, strict=True)
+    classifier.source = {"file": str(path), "sha256": _file_digest(str(path)),
+                         "training": json.loads(metadata.get("training") or "null")}
     return classifier.to(device).eval()
+
+
+class _RandomInitWarning(logging.Filter):
+    """Drops OpenCLIP's "No pretrained weights loaded ... initialized randomly" warning (a root-logger record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """While a tower is created only to receive saved weights, its "initialized randomly" warning is noise."""
+    quiet = _RandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,7 +604,12 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
     logits, kept, failures = predict_logits(classifier, splits.test, device, options.batch_size, options.workers,
                                             autocast)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_classifier(classifier, classifier_path)
+    save_classifier(classifier, classifier_path, training={
+        "suite": suite.name, "manifest_sha256": suite.manifest_sha256, "init": init, "seed": seed,
+        "checkpoint": checkpoint, "checkpoint_sha256": _file_digest(checkpoint) if init == "checkpoint" else None,
+        "num_train": len(splits.train), "num_val": len(splits.val), "select": training.get("select"),
+        "selected_epoch": training.get("best_epoch"), "epochs_run": training.get("epochs_run"),
+        "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "seeds", "bootstrap")}})
     record = {"config_key": key, "init": init, "seed": seed, "model": model_name, "checkpoint": checkpoint,
               "num_train": len(splits.train), "num_val": len(splits.val), **training,
               "seconds": train_seconds, "test_kept": kept.tolist(), "test_failures": failures,
