@@ -191,8 +191,8 @@ def build_classifier(args: argparse.Namespace, model, tokenizer):
     return classifier
 
 
-def load_classifier(args: argparse.Namespace, device):
-    """(classifier, preprocess, image tower) for the options: the fine-tuned classifier file (`--classifier`) or
+def load_task_classifier(args: argparse.Namespace, device) -> tuple:
+    """(classifier, preprocess, preprocessing config) for the options: the fine-tuned classifier file (`--classifier`) or
     a zero-shot classifier of `--model`/`--pretrained`. `--heatmaps` on a tower without exact heatmaps is refused
     (one line) before any text is embedded."""
     from open_clip_medclip.heatmaps import check_tower
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     from open_clip_medclip.zero_shot import activate
 
     device = resolve_device(args.device)
-    classifier, preprocess, preprocess_cfg = load_classifier(args, device)
+    classifier, preprocess, preprocess_cfg = load_task_classifier(args, device)
     if args.heatmaps and not hasattr(classifier, "heatmaps"):
         raise UserError(f"--heatmaps: the {type(classifier).__name__} classifier cannot draw heatmaps")
     writer = HeatmapWriter(Path(args.heatmaps), classifier.classes, preprocess_cfg) if args.heatmaps else None
