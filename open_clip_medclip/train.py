@@ -136,7 +136,7 @@ def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     group.add_argument(
         "--medclip-shard-timeout", type=float, default=shard_defaults["timeout"], metavar="SECONDS",
-        help=f"an http(s) shard read that gets no byte for this long fails (default {shard_defaults['timeout']:g})",
+        help=f"an http(s) or pipe: shard read that gets no byte for this long fails (the pipe: command is killed; default {shard_defaults['timeout']:g})",
     )
     group.add_argument(
         "--medclip-shard-backoff", type=float, default=shard_defaults["backoff"], metavar="SECONDS",
