@@ -175,7 +175,7 @@ class WatchedPipe:
             self.finished.set()
         if self.stalled:
             raise self._stall_error()
-        if status not in (0, 141):
+        if status not in (0, 141, -signal.SIGPIPE):  # a reader that stopped early
             raise OSError(f"{self.url}: the pipe: command exited with status {status}")
 
 
