@@ -12,12 +12,21 @@ import os
 from collections.abc import Iterable
 
 USER_ERROR_EXIT_CODE = 2
+WORK_NOT_DONE_EXIT_CODE = 1
 
 
 class UserError(Exception):
     """What went wrong, where (file, row, member) and what to do, in one line."""
 
     exit_code = USER_ERROR_EXIT_CODE
+
+
+class WorkNotDone(UserError):
+    """The command ran without a fault in its input but the work asked for did not happen (nothing found,
+    every input rejected, nothing written, the host refused): one line naming why, exit code 1, so that a
+    script or a cluster job sees the failure instead of a success with empty outputs."""
+
+    exit_code = WORK_NOT_DONE_EXIT_CODE
 
 
 def did_you_mean(name: str, choices: Iterable[str], limit: int = 3) -> str:

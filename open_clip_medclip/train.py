@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-from open_clip_medclip.errors import UserError, did_you_mean, resolve_device
+from open_clip_medclip.errors import UserError, WorkNotDone, did_you_mean, resolve_device
 from open_clip_medclip.labels import TRAINING_POLICIES
 from open_clip_medclip.loss import LABEL_SIMILARITIES, LOSS_KINDS
 
@@ -136,7 +136,7 @@ def add_medclip_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     group.add_argument(
         "--medclip-shard-timeout", type=float, default=shard_defaults["timeout"], metavar="SECONDS",
-        help=f"an http(s) shard read that gets no byte for this long fails (default {shard_defaults['timeout']:g})",
+        help=f"an http(s) or pipe: shard read that gets no byte for this long fails (the pipe: command is killed; default {shard_defaults['timeout']:g})",
     )
     group.add_argument(
         "--medclip-shard-backoff", type=float, default=shard_defaults["backoff"], metavar="SECONDS",
@@ -247,10 +247,8 @@ def _print_help(parser: argparse.ArgumentParser) -> None:
         pass
 
 
-class TrainingNotDone(UserError):
+class TrainingNotDone(WorkNotDone):
     """The trainer ran but did not do the work asked for (it refused, trained no step, saved no checkpoint)."""
-
-    exit_code = 1
 
 
 def check_work_done(run) -> None:

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
@@ -118,11 +123,69 @@ def open_http(url: str, timeout: float) -> CheckedHttpBody:
     return CheckedHttpBody(response, url, timeout)
 
 
+class WatchedPipe:
+    """A `pipe:` command's output with a stall timeout: when no byte arrives for `timeout` seconds a watchdog
+    kills the command (its whole process group: `sh -c '...; sleep'` children too) and the read raises
+    `TimeoutError`. webdataset's own pipe waits for a stalled command forever (close waits up to two hours).
+    Exit statuses are checked as webdataset does (141, a reader that left early, is not an error)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url, self.timeout = url, timeout
+        self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,  # noqa: S602 - the user's pipe: URL
+                                     start_new_session=True)
+        self.received, self.last, self.stalled = 0, time.monotonic(), False
+        self.finished = threading.Event()
+        threading.Thread(target=self._watch, name="medclip-pipe-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.finished.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.stalled = True
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                return
+
+    def _stall_error(self) -> TimeoutError:
+        return TimeoutError(f"stalled: no data for {self.timeout:g} s after {self.received} bytes; the pipe: command "
+                            "was killed")
+
+    def read(self, size: int = -1) -> bytes:
+        chunks, wanted = [], size if size is not None and size >= 0 else None
+        while wanted is None or wanted > 0:
+            chunk = self.proc.stdout.read1(65536 if wanted is None else wanted)
+            if self.stalled:
+                raise self._stall_error()
+            if not chunk:
+                break
+            self.last = time.monotonic()
+            self.received += len(chunk)
+            chunks.append(chunk)
+            if wanted is not None:
+                wanted -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Wait for the command (still under the watchdog) and raise on a failing exit status or a stall."""
+        try:
+            self.proc.stdout.close()
+            status = self.proc.wait()
+        finally:
+            self.finished.set()
+        if self.stalled:
+            raise self._stall_error()
+        if status not in (0, 141, -signal.SIGPIPE):  # a reader that stopped early
+            raise OSError(f"{self.url}: the pipe: command exited with status {status}")
+
+
 def open_url(url: str, timeout: float | None = None):
     """A binary stream for any URL webdataset or fsspec can open (fsspec for `s3://`, `gcs://`, `memory://`...);
-    http(s) with a read `timeout` when one is given."""
+    http(s) and `pipe:` with a stall `timeout` when one is given."""
     if timeout and urlparse(url).scheme in ("http", "https"):
         return open_http(url, timeout)
+    if timeout and url.startswith("pipe:"):
+        return WatchedPipe(url, timeout)
     if gopen_handles(url):
         return wds_gopen.gopen(url, "rb")
     try:

@@ -231,22 +231,26 @@ def first_shard(train_data: str) -> str | None:
     return urls[0] if urls else None
 
 
-def shard_carries_medclip_labels(url: str, max_members: int = 64) -> bool:
+def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float | None = None) -> bool:
     """True when the first `.json` member of shard `url` is a MedCLIP sample record (`kind` and `labels`).
 
-    Reads one shard's first members through `webdataset.gopen`, so local paths, `pipe:` and http(s) URLs work.
+    Reads one shard's first members through `openclip_data.open_url` (local paths, `pipe:`, http(s) and fsspec
+    URLs; remote reads with the --medclip-shard-timeout). A shard that cannot be read at all (server down, HTTP
+    error, stalled, a failing `pipe:` command) raises `ShardSourceError`: treating it as plain OpenCLIP data would
+    train the wrong way, silently. A readable file that is not a tar, or holds no MedCLIP record, is plain data.
     """
     import json
 
-    import webdataset
+    from open_clip_medclip.plugins.openclip_data import open_url
 
     from open_clip_medclip.shards.format import KINDS
+    from open_clip_medclip.streams import ShardFailurePolicy, is_remote_url
 
+    if timeout is None and is_remote_url(url):
+        timeout = ShardFailurePolicy.from_args().timeout
+    stream = None
     try:
-        stream = webdataset.gopen(url, "rb")
-    except Exception:
-        return False
-    try:
+        stream = open_url(url, timeout)
         with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for count, member in enumerate(archive):
                 if count >= max_members:
@@ -256,11 +260,18 @@ def shard_carries_medclip_labels(url: str, max_members: int = 64) -> bool:
                 handle = archive.extractfile(member)
                 record = json.loads(handle.read().decode("utf-8")) if handle else None
                 return isinstance(record, dict) and record.get("kind") in KINDS and "labels" in record
-    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError):
+    except (tarfile.TarError, ValueError, UnicodeDecodeError):
         return False
+    except OSError as exc:  # TimeoutError included
+        if not is_remote_url(url):
+            return False  # a local file: the trainer names it itself
+        raise ShardSourceError(
+            f"cannot read the first shard {url} to tell MedCLIP shards from plain OpenCLIP data: "
+            f"{type(exc).__name__}: {exc}; check that the shard source is up, then rerun") from None
     finally:
         with contextlib.suppress(Exception):
-            stream.close()
+            if stream is not None:
+                stream.close()
     return False
 
 
@@ -270,7 +281,8 @@ def data_has_medclip_labels(args) -> tuple[bool, str | None]:
     if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
         return False, None
     url = first_shard(data)
-    return (bool(url) and shard_carries_medclip_labels(url)), url
+    timeout = getattr(args, "medclip_shard_timeout", None)
+    return (bool(url) and shard_carries_medclip_labels(url, timeout=timeout)), url
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -687,10 +699,10 @@ def medclip_options_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def host_refusal(message: str):
-    """Plain `open_clip_train.main` (autoload) refuses in one line, argparse style, exit 2."""
+def host_refusal(message: str, exit_code: int = USER_ERROR_EXIT_CODE):
+    """Plain `open_clip_train.main` (autoload) refuses in one line, argparse style, exit 2 (or `exit_code`)."""
     print(f"open_clip_train.main: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(USER_ERROR_EXIT_CODE)
+    raise SystemExit(exit_code)
 
 
 @contextlib.contextmanager
@@ -698,7 +710,7 @@ def _refused_on_one_line():
     try:
         yield
     except UserError as exc:
-        host_refusal(str(exc))
+        host_refusal(str(exc), exc.exit_code)
 
 
 def preflight(args, program: str) -> None:
@@ -749,7 +761,8 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         with _refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
             check_shards_exist("--train-data", args.train_data)
             check_shards_exist("--val-data", args.val_data)
-    labelled, url = data_has_medclip_labels(args)
+    with _refused_on_one_line():  # an unreadable first shard (server down): exit 3, not silently plain data
+        labelled, url = data_has_medclip_labels(args)
     if labelled:
         with _refused_on_one_line():
             preflight(args, "open_clip_train.main")

@@ -9,13 +9,14 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from open_clip_medclip.errors import UserError
+from open_clip_medclip.errors import UserError, WorkNotDone
 from open_clip_medclip.eval.prompts import prompts_hash
 from open_clip_medclip.eval.suite_definitions import (
     MANIFEST_COLUMNS,
@@ -201,6 +202,7 @@ def build_suite(name_or_definition: str | Path | Mapping, raw: str | Path, out: 
                          f"({len(candidates)} candidates, {len(rejects)} rejected rows)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    listed_rejects = len(rejects)  # rejects from here on are selected images that could not be used
     todo = [(split, cand) for split in SPLITS for cand in selected[split]]
     for split, cand in tqdm(todo, desc=f"build {definition['name']}", disable=not progress, unit="img"):
         source = Path(cand.image_path)
@@ -221,6 +223,10 @@ def build_suite(name_or_definition: str | Path | Mapping, raw: str | Path, out: 
         if not target.is_file() or target.read_bytes() != data:
             target.write_bytes(data)
         rows.append({"id": cand.id, "split": split, "label": cand.label, "image": relative, "sha256": sha256_bytes(data)})
+    if not any(row["split"] == "test" for row in rows):  # before the manifest: a previous good suite stays
+        reasons = Counter(reject["reason"] for reject in rejects[listed_rejects:])
+        raise WorkNotDone(f"build-suite: suite {definition['name']!r} not written: all {len(selected['test'])} "
+                          f"selected test image(s) were rejected ({', '.join(f'{n} {r}' for r, n in reasons.items())})")
     manifest = out / MANIFEST_NAME
     staged = manifest.with_name(f".{MANIFEST_NAME}.tmp")  # renamed into place last: a failed build keeps the old one
     with open(staged, "w", newline="", encoding="utf-8") as handle:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from open_clip_medclip.errors import UserError
+from open_clip_medclip.errors import UserError, WorkNotDone
 from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES
 from open_clip_medclip.parts import parse_part
 from open_clip_medclip.shards.builder import BuildError, BuildOptions, build_shards
@@ -128,6 +128,10 @@ def run_build(args: argparse.Namespace) -> int:
     print(f"shards: {summary.line()}. Kinds: {summary.kinds or 'none'}. Rejects by reason: {reasons} "
           f"(details in rejects.jsonl). The build {state}; check it with 'medclip shards validate {args.out}'.",
           file=sys.stderr)
+    if not summary.written and (summary.inputs or options.part is None):  # an empty part of a split build is fine
+        raise WorkNotDone(f"0 samples written to {args.out}: " + (
+            f"all {summary.inputs} input(s) rejected ({reasons}; see {args.out}/rejects.jsonl)" if summary.inputs
+            else f"the source {args.source!r} gave no input (check --csv/--root/--split/--limit)"))
     return 0
 
 
@@ -163,6 +167,8 @@ def run_merge(args: argparse.Namespace) -> int:
     print(json.dumps(summary.to_json(), sort_keys=True))
     print(f"merge: {summary.line()} ({summary.linked} hard-linked, {summary.copied} copied); check it with "
           f"'medclip shards validate {args.out}'.", file=sys.stderr)
+    if not summary.written:
+        raise WorkNotDone(f"0 samples written to {args.out}: the {summary.parts} part(s) hold no sample")
     return 0
 
 
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (SourceError, BuildError, UserError) as exc:
         print(f"medclip shards: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

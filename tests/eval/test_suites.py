@@ -76,6 +76,24 @@ def test_missing_raw_image_stops_the_build_naming_it(tmp_path):
     assert result.num_rejected == 1
 
 
+def test_build_suite_whose_every_test_image_is_rejected_exits_1_and_keeps_the_old_suite(tmp_path, capsys):
+    """An empty suite is work not done (issue 24): one line, exit 1, the previous manifest left as it was."""
+    from open_clip_medclip.cli import main as medclip_main
+
+    _jpeg(tmp_path / "a.jpg")
+    (tmp_path / "suite.csv").write_text("image,label\na.jpg,x\n")
+    build = ["eval", "build-suite", str(tmp_path / "suite.csv"), "--out", str(tmp_path / "out"), "--skip-missing",
+             "--quiet"]
+    assert medclip_main(build) == 0
+    manifest = (tmp_path / "out" / S.MANIFEST_NAME).read_bytes()
+    capsys.readouterr()
+    (tmp_path / "a.jpg").unlink()
+    assert medclip_main(build) == 1
+    assert capsys.readouterr().err.strip() == ("medclip eval: build-suite: suite 'suite' not written: all 1 selected "
+                                               "test image(s) were rejected (1 missing_image)")
+    assert (tmp_path / "out" / S.MANIFEST_NAME).read_bytes() == manifest
+
+
 def _chexpert_fixture(root: Path, per_class: int = 12) -> Path:
     """CheXpert-v1.0-small/train.csv with single-finding rows per competition class plus distractors."""
     base = root / "CheXpert-v1.0-small"

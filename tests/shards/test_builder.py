@@ -244,3 +244,23 @@ def test_second_ctrl_c_exits_quietly_and_the_build_resumes(tmp_path):
     subprocess.run([sys.executable, "-c", CTRL_C_BUILD, str(out), "fast", str(SAMPLE)], check=True, env=env,
                    capture_output=True)
     assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_cli_build_and_merge_that_write_nothing_exit_1(tmp_path, capsys):
+    """A build (or a merge) that wrote 0 samples did not do its work: one line naming why, exit 1 (issue 24)."""
+    header_only = _write(tmp_path / "header_only.csv", "path,report\n")
+    csv_build = ["build", "--source", "generic-csv", "--image-column", "path", "--report-column", "report",
+                 "--kind", "image", "--no-progress"]
+    assert shards_main([*csv_build, "--csv", str(header_only), "--out", str(tmp_path / "none")]) == 1
+    assert "medclip shards: error: 0 samples written" in capsys.readouterr().err
+    missing = _write(tmp_path / "missing.csv", "path,report\nnot_there.png,Effusion.\n")
+    assert shards_main([*csv_build, "--csv", str(missing), "--out", str(tmp_path / "rejected")]) == 1
+    assert "all 1 input(s) rejected (1 missing_image" in capsys.readouterr().err.splitlines()[-1]
+    # an empty part of a split build is not a failure; a merge of parts that hold nothing is
+    parts = [tmp_path / "p1", tmp_path / "p2"]
+    codes = [shards_main([*csv_build, "--csv", str(missing), "--out", str(part), "--part", f"{i}/2"])
+             for i, part in enumerate(parts, 1)]
+    assert sorted(codes) == [0, 1]  # the part holding the rejected row fails, the empty one does not
+    capsys.readouterr()
+    assert shards_main(["merge", "--out", str(tmp_path / "merged"), *map(str, parts)]) == 1
+    assert "0 samples written" in capsys.readouterr().err.splitlines()[-1]

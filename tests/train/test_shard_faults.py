@@ -125,3 +125,46 @@ def test_policy_share_and_defaults_come_from_the_options():
     assert sum(policy.wait(a) for a in range(1, policy.retries + 1)) < 60  # the default budget is a bounded wait
     with pytest.raises(ShardSourceError.__mro__[1], match="--medclip-shard-max-failures must be >= 1"):
         ShardFailurePolicy.from_args(SimpleNamespace(medclip_shard_max_failures=0))
+
+
+def _pipe_reader(**overrides):
+    from open_clip_medclip.streams import ShardReader, StreamStats
+
+    policy = ShardFailurePolicy.from_args(_args("unused", **{**FAST, "medclip_shard_retries": 0,
+                                                             "medclip_shard_max_failures": 1, **overrides}))
+    return ShardReader(StreamStats({}), policy)
+
+
+def test_a_stalled_pipe_command_is_killed_and_stops_the_stream(small_shards):
+    """`pipe:` shards get the --medclip-shard-timeout too: a command that stops sending bytes is killed (its
+    `sleep` child included) and counts as a failed shard, instead of blocking the loader forever."""
+    shard = small_shards["dir"] / "train-000000.tar"
+    stalled = f"pipe:sh -c 'head -c 3000 {shard}; sleep 60'"
+    started = time.monotonic()
+    with pytest.raises(ShardSourceError) as err:
+        list(_pipe_reader()([{"url": stalled}]))
+    assert time.monotonic() - started < 15
+    line = ShardSourceError.line(err.value)
+    assert "TimeoutError: stalled: no data for 1 s after 3000 bytes" in line and stalled in line
+    # a healthy command under the same timeout reads the whole shard
+    assert len(list(_pipe_reader()([{"url": f"pipe:cat {shard}"}]))) == 8
+
+
+def test_an_unreadable_first_shard_is_a_refusal_not_plain_data(server, small_shards, capsys):
+    """The autoload reads the first shard to tell MedCLIP shards from plain OpenCLIP data; a shard server that
+    answers 500 or is down used to make the run silently plain OpenCLIP data. Now: one line, exit 3."""
+    from open_clip_medclip.plugins.openclip_train import _refused_on_one_line, data_has_medclip_labels
+
+    args = SimpleNamespace(train_data=_remote(server, small_shards), val_data=None, dataset_type="auto",
+                           medclip_shard_timeout=2.0)
+    assert data_has_medclip_labels(args) == (True, f"{server.url}/train-000000.tar")
+    server.mode = "500"
+    with pytest.raises(ShardSourceError, match=r"cannot read the first shard http://127\.0\.0\.1:\d+/train-000000"
+                                               r"\.tar .*: OSError: HTTP 500"):
+        data_has_medclip_labels(args)
+    server.stop()
+    with pytest.raises(SystemExit) as stop, _refused_on_one_line():
+        data_has_medclip_labels(args)
+    line = capsys.readouterr().err.strip()
+    assert stop.value.code == 3 and "\n" not in line
+    assert line.startswith("open_clip_train.main: error: cannot read the first shard") and "refused" in line
