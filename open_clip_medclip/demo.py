@@ -44,7 +44,7 @@ RESULTS_FILE = "demo_results.json"
 
 # Budgets of the two modes (a flag left out takes its mode's default). Frozen towers: heads and logit scale train on
 # cached trunk features, so big batches and thousands of steps fit; full towers: the paper's setting, end to end.
-FROZEN_DEFAULTS = {"seeds": 10, "epochs": 10, "samples_per_epoch": 25600, "batch_size": 256, "lr": 1e-3}
+FROZEN_DEFAULTS = {"seeds": 10, "epochs": 10, "samples_per_epoch": 25600, "batch_size": 256, "lr": 2e-3}
 FULL_DEFAULTS = {"seeds": 3, "epochs": 2, "samples_per_epoch": 1024, "batch_size": 32, "lr": 2e-4}
 TEMPERATURE_CANDIDATES = (0.1, 0.25, 0.5, 1.0)
 
