@@ -54,6 +54,7 @@ def _text_features(model, tokenizer):
 def setup(out: Path, data: dict, model_name: str, args) -> FrozenSetup:
     """Build the model (pretrained trunks) and every cache; carve the validation split."""
     import open_clip
+    import torch
 
     from open_clip_medclip.augment import medclip_train_transform
     from open_clip_medclip.eval.prompts import chexzero_pairs
@@ -61,6 +62,7 @@ def setup(out: Path, data: dict, model_name: str, args) -> FrozenSetup:
     from open_clip_medclip.eval.zeroshot import suite_class_prompts
     from open_clip_medclip.findings import FINDING_INDEX
 
+    torch.manual_seed(0)  # towers without pretrained weights (medclip-tiny) start the same on every run
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained_image=model_name == "medclip-demo", device="cpu")
     model.eval()
