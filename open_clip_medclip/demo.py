@@ -337,6 +337,20 @@ def kept_findings(targets: np.ndarray, min_positives: int) -> list[int]:
             and targets[:, f].sum() >= min_positives and (~targets[:, f]).sum() >= min_positives]
 
 
+def ci_widths(results: dict) -> dict:
+    """Per suite: width of the paired difference's 95% CI (images and seeds resampled), of its images-only CI, their
+    ratio (how much seed noise widens the interval) and the half-width."""
+    out = {}
+    for suite, r in results.items():
+        (low, high), (low_images, high_images) = r["difference"]["ci95"], r["difference"]["ci95_images_only"]
+        if None in (low, high, low_images, high_images):
+            continue
+        width, images_only = high - low, high_images - low_images
+        out[suite] = {"width": width, "images_only_width": images_only,
+                      "ratio": width / images_only if images_only > 0 else None, "half_width": width / 2}
+    return out
+
+
 def _positive_margin(logits: np.ndarray) -> np.ndarray:
     """Binary suites: the positive class's logit minus the other's (ranks images like the softmax probability)."""
     return logits[:, 1] - logits[:, 0]
@@ -509,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "bootstrap": "paired: the same resampled held-out images for both losses and every seed, seeds resampled "
                      "too; ci95_images_only keeps the seeds fixed",
         "suites": results,
+        "ci_widths": ci_widths(results),
         "table": table,
         **{k: v for k, v in extra.items() if k not in ("curves", "arms")},
         "checkpoints": {f"{loss}/seed{s}": p for (loss, s), p in rel_checkpoints.items()},
@@ -541,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Verdict from the paired 95% CIs ({len(seeds)} seed(s)): {SHORT[first]} better on "
           f"{', '.join(better[first]) or 'no suite'}; {SHORT[second]} better on {', '.join(better[second]) or 'no suite'}; "
           f"tie on {', '.join(better['tie']) or 'no suite'}.")
+    widths = summary["ci_widths"]
+    print("Seed noise: width of the paired 95% CI / its images-only width (half-width): " + ", ".join(
+        f"{suite} {w['ratio']:.2f}x (±{w['half_width']:.3f})" for suite, w in widths.items() if w["ratio"]) + ".")
     print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
           + f"; done in {timings['total']:.0f} s. Results: {out / RESULTS_FILE}, demo_results.md, plots under "
           f"{out / 'plots'}; checkpoints (plain OpenCLIP; open_clip.create_model_and_transforms('{model}', "
