@@ -6,16 +6,21 @@
    half (--nih-share), so multi-finding images make up half of training; every image is paired at load time
    with a bank sentence sharing one of its findings;
 3. pin the held-out NIH and pediatric images as zero-shot suites (`medclip eval build-suite`);
-4. train both losses on identical streams (same seed -> same images, sentences and augmentation) for each of
-   --seeds seeds, inside OpenCLIP's trainer (`open_clip_medclip.train.main`), starting from ImageNet
-   EfficientNet-Lite0 and all-MiniLM-L6-v2 (`medclip-demo`, from the `[demo]` extra; offline);
-5. zero-shot every checkpoint on every held-out image: NIH pneumonia vs no finding (60), pediatric pneumonia vs
+4. train both losses on identical data for each of --seeds seeds, starting from ImageNet EfficientNet-Lite0 and
+   all-MiniLM-L6-v2 (`medclip-demo`, from the `[demo]` extra; offline):
+   - default, frozen towers (`open_clip_medclip.demo_frozen`): the trunks' features are cached once (augmented views
+     of the training images, the sentence bank, the held-out images); MedCLIP's label temperature is chosen on a
+     validation split of the training images; the heads and logit scale train on the cache with big batches for
+     thousands of steps through the same loss code, and each run is saved as an ordinary OpenCLIP checkpoint;
+   - --full-towers, the paper's setting: whole towers inside OpenCLIP's trainer (`open_clip_medclip.train.main`);
+5. zero-shot every run on every held-out image: NIH pneumonia vs no finding (60), pediatric pneumonia vs
    normal (200), and NIH multi-label findings (CheXzero prompt pairs, findings with >= --min-positives positive
    and negative held-out images);
 6. per suite: each loss's AUC (mean over seeds) and the paired difference semantic matching − InfoNCE, with
    bootstrap 95% CIs over images and seeds; the verdict comes from the CI of the difference (0 inside: tie).
 Everything lands in --out: demo_results.json (deterministic: same seed and machine -> identical file),
-demo_run.json (timings), demo_results.md, PNGs under plots/, OpenCLIP checkpoints under runs/.
+demo_run.json (timings per phase), demo_results.md, PNGs under plots/ (learning curves in frozen mode), OpenCLIP
+checkpoints under runs/, cached trunk features under features/.
 """
 from __future__ import annotations
 
