@@ -171,8 +171,9 @@ def arms(losses: list[str], temperature: float) -> dict[str, tuple[str, float]]:
 def train_all(out: Path, state: FrozenSetup, args, seeds: list[int], temperature: float):
     """Every arm and seed: checkpoints, cached held-out scores and per-epoch curves."""
     checkpoints, scored, curves = {}, {}, {}
+    runs = arms(args.losses, temperature)
     for seed in seeds:
-        for key, (loss, tau) in arms(args.losses, temperature).items():
+        for key, (loss, tau) in runs.items():
             t = time.time()
             history = frozen.train_heads(state.model, state.features, budget(args, loss, tau, seed),
                                          state.init_logit_scale,
@@ -185,7 +186,7 @@ def train_all(out: Path, state: FrozenSetup, args, seeds: list[int], temperature
             scored[(key, seed)] = scores_from_cache(state.model, state.tasks)
             curves[(key, seed)] = history
             last = history[-1]
-            print(f"   {name}: loss {history[0]['loss']:.3f} -> {last['loss']:.3f}, logit scale "
+            print(f"   [{len(checkpoints)}/{len(runs) * len(seeds)}] {name}: loss {history[0]['loss']:.3f} -> {last['loss']:.3f}, logit scale "
                   f"{last['logit_scale']:.1f}, held-out AUC "
                   + ", ".join(f"{k} {v:.3f}" for k, v in last["heldout_auc"].items())
                   + f" ({time.time() - t:.1f} s)", flush=True)

@@ -61,6 +61,22 @@ def cache_key(parts: dict) -> str:
                           ).hexdigest()[:20]
 
 
+def image_cache_parts(what: str, model_name: str, model: nn.Module, transform, **inputs) -> dict:
+    """What cached image trunk features depend on: model, image trunk weights, transform, and the inputs."""
+    return {"what": what, "model": model_name, "weights": weights_hash(model.visual.trunk),
+            "transform": transform_fingerprint(transform), **inputs}
+
+
+def text_cache_parts(what: str, model_name: str, model: nn.Module, tokenizer: Callable, texts: Sequence[str]) -> dict:
+    """What cached text trunk features depend on: model, text trunk weights, tokenizer (its ids for the first texts
+    and its width), and the texts."""
+    probe = tokenizer(list(texts[:64])) if len(texts) else None
+    return {"what": what, "model": model_name, "weights": weights_hash(model.text.transformer),
+            "tokenizer": [type(tokenizer).__name__, hashlib.sha256(probe.numpy().tobytes()).hexdigest()
+                          if probe is not None else None],
+            "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+
+
 def cached_array(folder: Path, name: str, parts: dict, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """`folder/<name>-<key>.npy` memory-mapped read-only, computed (and written atomically) when absent.
 
@@ -103,10 +119,6 @@ def without_heads(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         model.visual.head, model.text.proj = image_head, text_head
         model.train(was_training)
-
-
-def trunk_hashes(model: nn.Module) -> dict[str, str]:
-    return {"image": weights_hash(model.visual.trunk), "text": weights_hash(model.text.transformer)}
 
 
 @torch.no_grad()
@@ -194,7 +206,6 @@ def build_training_features(model: nn.Module, model_name: str, tokenizer: Callab
         labels.append(np.asarray(sample["image_labels"], dtype=np.float32))
     if not keys:
         raise UserError(f"{train_data}: no training images")
-    hashes = trunk_hashes(model)
     data_hash = hashlib.sha256(json.dumps([keys, np.stack(labels).tolist()]).encode()).hexdigest()
 
     def compute_images() -> np.ndarray:
@@ -215,13 +226,11 @@ def build_training_features(model: nn.Module, model_name: str, tokenizer: Callab
         bar.close()
         return features
 
-    image_parts = {"what": "training image views", "model": model_name, "weights": hashes["image"],
-                   "transform": transform_fingerprint(transform), "views": views, "view_seed": view_seed,
-                   "images": data_hash}
-    text_parts = {"what": "sentence bank", "model": model_name, "weights": hashes["text"],
-                  "tokenizer": repr(type(tokenizer).__name__), "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
-    eval_parts = {**image_parts, "what": "training images, evaluation transform",
-                  "transform": transform_fingerprint(eval_transform), "views": 1, "view_seed": None}
+    image_parts = image_cache_parts("training image views", model_name, model, transform, views=views,
+                                    view_seed=view_seed, images=data_hash)
+    eval_parts = image_cache_parts("training images, evaluation transform", model_name, model, eval_transform,
+                                   views=1, view_seed=None, images=data_hash)
+    text_parts = text_cache_parts("sentence bank", model_name, model, tokenizer, texts)
     image = cached_array(cache_dir, "train-images", image_parts, compute_images)
     image_eval = cached_array(cache_dir, "train-images-eval", eval_parts, compute_eval)
     text = cached_array(cache_dir, "bank-texts", text_parts, compute_texts)
@@ -297,9 +306,8 @@ def suite_image_features(model: nn.Module, model_name: str, suite, preprocess: C
     from open_clip_medclip.eval.suites import load_image
 
     entries = suite.split("test")
-    parts = {"what": f"suite {suite.name} test images", "model": model_name, "weights": weights_hash(model.visual.trunk),
-             "transform": transform_fingerprint(preprocess), "manifest": suite.manifest_sha256,
-             "images": [str(e.image_path) for e in entries]}
+    parts = image_cache_parts(f"suite {suite.name} test images", model_name, model, preprocess,
+                              manifest=suite.manifest_sha256, images=[str(e.image_path) for e in entries])
 
     def compute() -> np.ndarray:
         return image_trunk_features(model, [load_image(e.image_path) for e in entries], preprocess)

@@ -64,8 +64,7 @@ def test_cache_is_recomputed_when_the_weights_or_the_transform_change(tiny, tmp_
     calls = []
 
     def cached(transform):
-        parts = {"weights": frozen.weights_hash(model.visual.trunk),
-                 "transform": frozen.transform_fingerprint(transform)}
+        parts = frozen.image_cache_parts("views", MODEL, model, transform, images=["a", "b"])
         return frozen.cached_array(tmp_path, "views", parts, lambda: calls.append(1) or
                                    frozen.image_trunk_features(model, images, transform))
 
@@ -89,6 +88,23 @@ def test_cache_is_recomputed_when_the_weights_or_the_transform_change(tiny, tmp_
         with torch.no_grad():
             next(model.visual.trunk.parameters()).copy_(original)
     assert len(list(tmp_path.glob("views-*.npy"))) == 3 and len(list(tmp_path.glob("views-*.json"))) == 3
+
+
+def test_text_cache_key_follows_the_text_weights_the_tokenizer_and_the_texts(tiny):
+    model, _, tokenizer = tiny
+    key = frozen.cache_key(frozen.text_cache_parts("bank", MODEL, model, tokenizer, TEXTS))
+    assert frozen.cache_key(frozen.text_cache_parts("bank", MODEL, model, tokenizer, list(TEXTS))) == key
+    assert frozen.cache_key(frozen.text_cache_parts("bank", MODEL, model, tokenizer, TEXTS[:-1])) != key
+    other_tokenizer = open_clip.get_tokenizer(MODEL, context_length=16)
+    assert frozen.cache_key(frozen.text_cache_parts("bank", MODEL, model, other_tokenizer, TEXTS)) != key
+    original = next(model.text.transformer.parameters()).detach().clone()
+    try:
+        with torch.no_grad():
+            next(model.text.transformer.parameters()).add_(1e-3)
+        assert frozen.cache_key(frozen.text_cache_parts("bank", MODEL, model, tokenizer, TEXTS)) != key
+    finally:
+        with torch.no_grad():
+            next(model.text.transformer.parameters()).copy_(original)
 
 
 def test_heads_train_on_the_cache_and_the_logit_scale_moves(tiny):
