@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("medclip demo: --losses needs two different losses")
     if not args.full_towers and not 0 < args.validation_fraction < 1:
         raise SystemExit("medclip demo: --validation-fraction must be between 0 and 1")
+    if args.views < 1 or args.validation_seeds < 1 or not all(t > 0 for t in args.temperature_candidates):
+        raise SystemExit("medclip demo: --views and --validation-seeds must be at least 1, temperatures above 0")
     import open_clip_medclip  # noqa: F401
     from open_clip_medclip import timm_weights
 

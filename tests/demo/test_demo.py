@@ -68,3 +68,9 @@ def test_demo_rejects_bad_flags():
         demo_main(["--losses", "soft", "soft"])
     with pytest.raises(SystemExit, match="--nih-share"):
         demo_main(["--nih-share", "1"])
+    with pytest.raises(SystemExit, match="--views"):
+        demo_main(["--views", "0"])
+    with pytest.raises(SystemExit, match="temperatures above 0"):
+        demo_main(["--temperature-candidates", "0.5,0"])
+    with pytest.raises(SystemExit, match="--validation-fraction"):
+        demo_main(["--validation-fraction", "1"])
