@@ -6,16 +6,21 @@
    half (--nih-share), so multi-finding images make up half of training; every image is paired at load time
    with a bank sentence sharing one of its findings;
 3. pin the held-out NIH and pediatric images as zero-shot suites (`medclip eval build-suite`);
-4. train both losses on identical streams (same seed -> same images, sentences and augmentation) for each of
-   --seeds seeds, inside OpenCLIP's trainer (`open_clip_medclip.train.main`), starting from ImageNet
-   EfficientNet-Lite0 and all-MiniLM-L6-v2 (`medclip-demo`, from the `[demo]` extra; offline);
-5. zero-shot every checkpoint on every held-out image: NIH pneumonia vs no finding (60), pediatric pneumonia vs
+4. train both losses on identical data for each of --seeds seeds, starting from ImageNet EfficientNet-Lite0 and
+   all-MiniLM-L6-v2 (`medclip-demo`, from the `[demo]` extra; offline):
+   - default, frozen towers (`open_clip_medclip.demo_frozen`): the trunks' features are cached once (augmented views
+     of the training images, the sentence bank, the held-out images); MedCLIP's label temperature is chosen on a
+     validation split of the training images; the heads and logit scale train on the cache with big batches for
+     thousands of steps through the same loss code, and each run is saved as an ordinary OpenCLIP checkpoint;
+   - --full-towers, the paper's setting: whole towers inside OpenCLIP's trainer (`open_clip_medclip.train.main`);
+5. zero-shot every run on every held-out image: NIH pneumonia vs no finding (60), pediatric pneumonia vs
    normal (200), and NIH multi-label findings (CheXzero prompt pairs, findings with >= --min-positives positive
    and negative held-out images);
 6. per suite: each loss's AUC (mean over seeds) and the paired difference semantic matching − InfoNCE, with
    bootstrap 95% CIs over images and seeds; the verdict comes from the CI of the difference (0 inside: tie).
 Everything lands in --out: demo_results.json (deterministic: same seed and machine -> identical file),
-demo_run.json (timings), demo_results.md, PNGs under plots/, OpenCLIP checkpoints under runs/.
+demo_run.json (timings per phase), demo_results.md, PNGs under plots/ (learning curves in frozen mode), OpenCLIP
+checkpoints under runs/, cached trunk features under features/.
 """
 from __future__ import annotations
 
@@ -37,8 +42,16 @@ from open_clip_medclip.sources import SAMPLE_DATA_DIR as SAMPLE_DIR
 BINARY_SUITES = ("nih-pneumonia", "pediatric-pneumonia")
 MULTILABEL_SUITE = "nih-findings"
 LOSSES = {"soft": "semantic matching (MedCLIP)", "clip": "InfoNCE (CLIP)"}
-SHORT = {"soft": "semantic matching", "clip": "InfoNCE"}
+SHORT = {"soft": "semantic matching", "clip": "InfoNCE", "soft-tau1": "semantic matching (τ = 1)"}
+ARM_LABELS = {**LOSSES, "soft-tau1": "semantic matching (MedCLIP), label temperature 1"}
 RESULTS_FILE = "demo_results.json"
+
+
+# Budgets of the two modes (a flag left out takes its mode's default). Frozen towers: heads and logit scale train on
+# cached trunk features, so big batches and thousands of steps fit; full towers: the paper's setting, end to end.
+FROZEN_DEFAULTS = {"seeds": 10, "epochs": 10, "samples_per_epoch": 25600, "batch_size": 256, "lr": 2e-3}
+FULL_DEFAULTS = {"seeds": 3, "epochs": 2, "samples_per_epoch": 1024, "batch_size": 32, "lr": 2e-4}
+TEMPERATURE_CANDIDATES = (0.1, 0.25, 0.5, 1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,24 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="medclip_demo", help="work folder (created; finished steps are reused)")
     parser.add_argument("--model", default=None, help="model config (default: medclip-demo when the [demo] extra "
                         "is installed, else medclip-tiny: random towers, a smoke run only)")
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds per loss (seeds 0..N-1)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--samples-per-epoch", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--full-towers", action="store_true",
+                        help="the paper's setting: train the whole model (trunks too) end to end inside OpenCLIP's "
+                        "trainer (slow on CPU: small budget); default: frozen trunks, heads trained on cached features")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"training seeds per loss (seeds 0..N-1; default {FROZEN_DEFAULTS['seeds']}, "
+                        f"full towers {FULL_DEFAULTS['seeds']})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"default {FROZEN_DEFAULTS['epochs']} (full towers {FULL_DEFAULTS['epochs']})")
+    parser.add_argument("--samples-per-epoch", type=int, default=None,
+                        help=f"default {FROZEN_DEFAULTS['samples_per_epoch']} (full towers "
+                        f"{FULL_DEFAULTS['samples_per_epoch']})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default {FROZEN_DEFAULTS['batch_size']} (full towers {FULL_DEFAULTS['batch_size']})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"default {FROZEN_DEFAULTS['lr']:g} (full towers {FULL_DEFAULTS['lr']:g})")
     parser.add_argument("--image-size", type=int, default=128, help="stored shard image size (longer side)")
     parser.add_argument("--nih-share", type=float, default=0.5,
                         help="expected share of NIH (multi-finding) images in the training stream")
-    parser.add_argument("--workers", type=int, default=1, help="data-loader workers per training run")
+    parser.add_argument("--workers", type=int, default=1, help="full towers: data-loader workers per training run")
+    parser.add_argument("--views", type=int, default=4,
+                        help="frozen towers: seeded augmented views cached per training image")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--min-positives", type=int, default=5,
                         help="multi-label suite: findings with at least this many positive and negative images")
     parser.add_argument("--losses", nargs=2, choices=tuple(LOSSES), default=list(LOSSES), metavar="LOSS",
                         help="the two losses compared (difference = first − second)")
-    parser.add_argument("--label-temperature", type=float, default=1.0,
-                        help="soft-loss target temperature (MedCLIP: 1)")
+    parser.add_argument("--label-temperature", type=float, default=None,
+                        help="soft-loss target temperature; default: chosen on a validation split of the training "
+                        "images (frozen towers), MedCLIP's 1 (full towers)")
+    parser.add_argument("--temperature-candidates", type=lambda v: tuple(float(x) for x in v.split(",")),
+                        default=TEMPERATURE_CANDIDATES, metavar="T,T,...",
+                        help="frozen towers: label temperatures tried on the validation split "
+                        f"(default {','.join(f'{t:g}' for t in TEMPERATURE_CANDIDATES)})")
+    parser.add_argument("--validation-fraction", type=float, default=0.2,
+                        help="frozen towers: share of each source's training images held back to pick the temperature")
+    parser.add_argument("--validation-seeds", type=int, default=2,
+                        help="frozen towers: seeds per candidate temperature on the validation split")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     return parser
+
+
+def resolve_defaults(args) -> None:
+    """Fill the budget flags left out with the mode's defaults."""
+    defaults = FULL_DEFAULTS if args.full_towers else FROZEN_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.full_towers and args.label_temperature is None:
+        args.label_temperature = 1.0
 
 
 def default_model() -> str:
@@ -276,8 +320,7 @@ def compare(scored: dict, losses: list[str], seeds: list[int], bootstrap: int, m
         results[suite] = paired_comparison(scores, targets == 1, first, second, bootstrap, seed=0)
         results[suite]["positives"] = int((targets == 1).sum())
     targets = scored[(first, seeds[0])][f"{MULTILABEL_SUITE}/targets"].astype(bool)
-    keep = [f for f in range(targets.shape[1]) if CHEXPERT_FINDINGS[f] != "No Finding"
-            and targets[:, f].sum() >= min_positives and (~targets[:, f]).sum() >= min_positives]
+    keep = kept_findings(targets, min_positives)
     if keep:
         scores = {loss: np.stack([scored[(loss, s)][f"{MULTILABEL_SUITE}/scores"][:, keep] for s in seeds])
                   for loss in losses}
@@ -289,6 +332,28 @@ def compare(scored: dict, losses: list[str], seeds: list[int], bootstrap: int, m
             for j, f in enumerate(keep)}
         results[MULTILABEL_SUITE] = result
     return results
+
+
+def kept_findings(targets: np.ndarray, min_positives: int) -> list[int]:
+    """Multi-label suite: the findings (No Finding excluded) with >= min_positives positive and negative images."""
+    from open_clip_medclip.findings import CHEXPERT_FINDINGS
+
+    return [f for f in range(targets.shape[1]) if CHEXPERT_FINDINGS[f] != "No Finding"
+            and targets[:, f].sum() >= min_positives and (~targets[:, f]).sum() >= min_positives]
+
+
+def ci_widths(results: dict) -> dict:
+    """Per suite: width of the paired difference's 95% CI (images and seeds resampled), of its images-only CI, their
+    ratio (how much seed noise widens the interval) and the half-width."""
+    out = {}
+    for suite, r in results.items():
+        (low, high), (low_images, high_images) = r["difference"]["ci95"], r["difference"]["ci95_images_only"]
+        if None in (low, high, low_images, high_images):
+            continue
+        width, images_only = high - low, high_images - low_images
+        out[suite] = {"width": width, "images_only_width": images_only,
+                      "ratio": width / images_only if images_only > 0 else None, "half_width": width / 2}
+    return out
 
 
 def _positive_margin(logits: np.ndarray) -> np.ndarray:
@@ -357,7 +422,7 @@ def _clean(value):
 
 
 def make_plots(out: Path, model: str, scored: dict, results: dict, losses: list[str], seeds: list[int],
-               checkpoints: dict, bootstrap: int) -> list[str]:
+               checkpoints: dict, bootstrap: int, confusion_seeds: list[int] | None = None) -> list[str]:
     from open_clip_medclip.demo_stats import mean_roc
     from open_clip_medclip.eval import plots
 
@@ -382,7 +447,7 @@ def make_plots(out: Path, model: str, scored: dict, results: dict, losses: list[
         written.append(str(plots.roc_compare_png(curves, folder / f"{suite}_roc.png", title, note)))
         classes = ["No Finding", "Pneumonia"] if suite == "nih-pneumonia" else ["Normal", "Pneumonia"]
         for loss in losses:
-            for s in seeds:
+            for s in seeds if confusion_seeds is None else confusion_seeds:
                 pred = scored[(loss, s)][f"{suite}/scores"].argmax(axis=1)
                 matrix = np.zeros((2, 2), dtype=int)
                 np.add.at(matrix, (targets, pred), 1)
@@ -406,12 +471,17 @@ def make_plots(out: Path, model: str, scored: dict, results: dict, losses: list[
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_defaults(args)
     if args.seeds < 1:
         raise SystemExit("medclip demo: --seeds must be at least 1")
     if not 0 < args.nih_share < 1:
         raise SystemExit("medclip demo: --nih-share must be between 0 and 1")
     if args.losses[0] == args.losses[1]:
         raise SystemExit("medclip demo: --losses needs two different losses")
+    if not args.full_towers and not 0 < args.validation_fraction < 1:
+        raise SystemExit("medclip demo: --validation-fraction must be between 0 and 1")
+    if args.views < 1 or args.validation_seeds < 1 or not all(t > 0 for t in args.temperature_candidates):
+        raise SystemExit("medclip demo: --views and --validation-seeds must be at least 1, temperatures above 0")
     import open_clip_medclip  # noqa: F401
     from open_clip_medclip import timm_weights
 
@@ -423,39 +493,46 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"medclip demo: model {model}, {len(seeds)} seed(s) x {len(args.losses)} losses, work folder {out}")
+    mode = "full towers" if args.full_towers else "frozen towers"
+    print(f"medclip demo: model {model} ({mode}), {len(seeds)} seed(s) x {len(args.losses)} losses, work folder {out}")
     if model == "medclip-tiny":
         print("   (medclip-tiny: random towers; install the [demo] extra for the pretrained medclip-demo)")
     data = prepare_data(out, args.image_size, args.nih_share)
     timings["prepare"] = time.time() - started
-
-    t = _step(f"[4/6] Train {model}: {', '.join(LOSSES[x] for x in args.losses)} on identical streams, seeds "
-              f"{seeds} ({args.epochs} epochs x {args.samples_per_epoch} samples, batch {args.batch_size})")
-    checkpoints = {(loss, s): train(out, data, loss, s, args, model) for s in seeds for loss in args.losses}
-    timings["train"] = time.time() - t
-
-    t = _step("[5/6] Zero-shot scores of every checkpoint on every held-out image")
-    scored = {key: score_checkpoint(model, path, data["suites"], out / "scores" / f"{run_name(model, *key)}.npz")
-              for key, path in checkpoints.items()}
-    timings["evaluate"] = time.time() - t
+    extra: dict = {}
+    if args.full_towers:
+        checkpoints, scored = run_full_towers(out, data, args, model, seeds, timings)
+    else:
+        checkpoints, scored, extra = run_frozen_towers(out, data, args, model, seeds, timings)
 
     t = _step("[6/6] Paired comparison (bootstrap over held-out images and seeds), plots")
     results = compare(scored, args.losses, seeds, args.bootstrap, args.min_positives)
+    if "arms" in extra and demo_frozen_tau1() in extra["arms"]:  # MedCLIP's temperature 1 beside the chosen one
+        tau1_losses = [demo_frozen_tau1(), next(loss for loss in args.losses if loss != "soft")]
+        extra["suites_label_temperature_1"] = compare(scored, tau1_losses, seeds, args.bootstrap, args.min_positives)
+        extra["table_label_temperature_1"] = comparison_table(extra["suites_label_temperature_1"], tau1_losses)
     rel_checkpoints = {key: str(path.relative_to(out)) for key, path in checkpoints.items()}
     plot_files = [] if args.no_plots else make_plots(out, model, scored, results, args.losses, seeds,
-                                                     rel_checkpoints, args.bootstrap)
+                                                     rel_checkpoints, args.bootstrap,
+                                                     confusion_seeds=seeds if args.full_towers else seeds[:1])
+    if not args.no_plots and "curves" in extra:
+        plot_files.append(learning_curves_plot(out, model, extra, args))
     table = comparison_table(results, args.losses)
     summary = {
         "model": model,
-        "config": {k: getattr(args, k) for k in ("seeds", "epochs", "samples_per_epoch", "batch_size", "lr",
-                                                 "image_size", "nih_share", "workers", "bootstrap", "min_positives",
-                                                 "losses", "label_temperature")},
+        "mode": mode,
+        "config": {k: getattr(args, k) for k in ("full_towers", "seeds", "epochs", "samples_per_epoch", "batch_size",
+                                                 "lr", "image_size", "nih_share", "workers", "views", "bootstrap",
+                                                 "min_positives", "losses", "label_temperature",
+                                                 "temperature_candidates", "validation_fraction", "validation_seeds")},
         "train_images": data["train_images"],
         "difference": f"{args.losses[0]} - {args.losses[1]}",
         "bootstrap": "paired: the same resampled held-out images for both losses and every seed, seeds resampled "
                      "too; ci95_images_only keeps the seeds fixed",
         "suites": results,
+        "ci_widths": ci_widths(results),
         "table": table,
+        **{k: v for k, v in extra.items() if k not in ("curves", "arms")},
         "checkpoints": {f"{loss}/seed{s}": p for (loss, s), p in rel_checkpoints.items()},
         "plots": plot_files,
         "environment": environment(),
@@ -465,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["compare_and_plot"] = time.time() - t
     timings["total"] = time.time() - started
     run = {"seconds": {k: round(v, 1) for k, v in timings.items()}, "load_average_start": load_start,
-           "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cpu_count": os.cpu_count()}
+           "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cpu_count": os.cpu_count(),
+           "torch_threads": summary["environment"]["torch_threads"], "machine": platform.platform()}
     (out / "demo_run.json").write_text(json.dumps(run, indent=2) + "\n")
 
     print("\n" + table)
@@ -475,15 +553,108 @@ def main(argv: list[str] | None = None) -> int:
         findings = ", ".join(f"{k} ({v} positive)" for k, v in results[MULTILABEL_SUITE]["findings"].items())
         print(f"{MULTILABEL_SUITE}: mean of the per-finding AUCs (CheXzero prompt pairs) over {findings}: the "
               f"findings with >= {args.min_positives} positive and negative held-out NIH images.")
+    if "label_temperature" in extra:
+        print(f"Semantic matching at label temperature {args.label_temperature:g} "
+              f"({extra['label_temperature']['how']}); beside it, MedCLIP's temperature 1:")
+        if "table_label_temperature_1" in extra:
+            print(extra["table_label_temperature_1"])
     better = {v: [s for s, r in results.items() if r["verdict"] == v] for v in (*args.losses, "tie")}
     first, second = args.losses
     print(f"Verdict from the paired 95% CIs ({len(seeds)} seed(s)): {SHORT[first]} better on "
           f"{', '.join(better[first]) or 'no suite'}; {SHORT[second]} better on {', '.join(better[second]) or 'no suite'}; "
           f"tie on {', '.join(better['tie']) or 'no suite'}.")
-    print(f"Done in {timings['total']:.0f} s. Results: {out / RESULTS_FILE}, demo_results.md, plots under "
+    widths = summary["ci_widths"]
+    print("Seed noise: width of the paired 95% CI / its images-only width (half-width): " + ", ".join(
+        f"{suite} {w['ratio']:.2f}x (±{w['half_width']:.3f})" for suite, w in widths.items() if w["ratio"]) + ".")
+    print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+          + f"; done in {timings['total']:.0f} s. Results: {out / RESULTS_FILE}, demo_results.md, plots under "
           f"{out / 'plots'}; checkpoints (plain OpenCLIP; open_clip.create_model_and_transforms('{model}', "
           f"pretrained=PATH) after import open_clip_medclip) under {out / 'runs'}.")
     return 0
+
+
+def demo_frozen_tau1() -> str:
+    from open_clip_medclip.demo_frozen import TAU1
+
+    return TAU1
+
+
+def run_full_towers(out: Path, data: dict, args, model: str, seeds: list[int], timings: dict):
+    """The paper's setting: whole towers trained inside OpenCLIP's trainer, scored through the zero-shot path."""
+    t = _step(f"[4/6] Train {model} (full towers): {', '.join(LOSSES[x] for x in args.losses)} on identical streams, "
+              f"seeds {seeds} ({args.epochs} epochs x {args.samples_per_epoch} samples, batch {args.batch_size})")
+    checkpoints = {(loss, s): train(out, data, loss, s, args, model) for s in seeds for loss in args.losses}
+    timings["train"] = time.time() - t
+
+    t = _step("[5/6] Zero-shot scores of every checkpoint on every held-out image")
+    scored = {key: score_checkpoint(model, path, data["suites"], out / "scores" / f"{run_name(model, *key)}.npz")
+              for key, path in checkpoints.items()}
+    timings["evaluate"] = time.time() - t
+    return checkpoints, scored
+
+
+def run_frozen_towers(out: Path, data: dict, args, model: str, seeds: list[int], timings: dict):
+    """Frozen trunks: cache, label temperature on validation, heads trained per arm and seed, cached scoring checked
+    against the full zero-shot path (see `open_clip_medclip.demo_frozen`)."""
+    from open_clip_medclip import demo_frozen
+
+    t = _step(f"[4/6] Cache the frozen trunks' features: {args.views} augmented views of every training image, the "
+              "sentence bank, the held-out images and prompts")
+    state = demo_frozen.setup(out, data, model, args)
+    print(f"   {out / 'features'}: {state.features.image.shape[0]} images x {state.features.image.shape[1]} views, "
+          f"{state.features.text.shape[0]} sentences ({time.time() - t:.0f} s)")
+    timings["cache"] = time.time() - t
+
+    extra: dict = {"feature_cache": state.features.keys}
+    t = time.time()
+    if args.label_temperature is None and "soft" in args.losses:
+        print(f"   label temperature: {len(args.temperature_candidates)} candidates x {args.validation_seeds} seeds on "
+              f"{len(state.train_rows)} training images, scored on {len(state.validation_rows)} held-back ones",
+              flush=True)
+        choice = demo_frozen.choose_temperature(state, args)
+        args.label_temperature = choice["chosen"]
+        extra["label_temperature"] = {**choice, "how": "chosen on a validation split of the training images"}
+    elif "soft" in args.losses:
+        extra["label_temperature"] = {"chosen": args.label_temperature, "how": "given with --label-temperature"}
+    timings["choose_temperature"] = time.time() - t
+
+    t = _step(f"[5/6] Train the heads and logit scale ({mode_budget(args)}): "
+              f"{', '.join(ARM_LABELS[k] for k in demo_frozen.arms(args.losses, args.label_temperature or 1.0))}, "
+              f"seeds {seeds}, identical batches per seed")
+    checkpoints, scored, curves = demo_frozen.train_all(out, state, args, seeds, args.label_temperature or 1.0)
+    timings["train"] = time.time() - t
+
+    t = time.time()
+    keys = [(loss, seeds[0]) for loss in args.losses]
+    extra["zero_shot_path_check"] = demo_frozen.check_zero_shot_path(out, state, checkpoints, scored, data["suites"],
+                                                                     keys)
+    print(f"   cached scoring vs the full model's zero-shot path on {len(keys)} checkpoints: max |score difference| "
+          f"{extra['zero_shot_path_check']['max_abs_score_difference']:.2e}, max |AUC difference| "
+          f"{extra['zero_shot_path_check']['max_abs_auc_difference']:.2e}")
+    timings["evaluate"] = time.time() - t
+    arm_keys = list(demo_frozen.arms(args.losses, args.label_temperature or 1.0))
+    extra["learning_curves"] = demo_frozen.curve_summary(curves, arm_keys, seeds)
+    extra["curves"] = curves
+    extra["arms"] = arm_keys
+    extra["budget"] = {"steps_per_run": args.epochs * max(1, args.samples_per_epoch // args.batch_size),
+                       "batch_size": args.batch_size, "runs": len(checkpoints),
+                       "validation_runs": len(args.temperature_candidates) * args.validation_seeds
+                       if "label_temperature" in extra and "candidates" in extra["label_temperature"] else 0}
+    return checkpoints, scored, extra
+
+
+def mode_budget(args) -> str:
+    steps = max(1, args.samples_per_epoch // args.batch_size)
+    return f"{args.epochs} epochs x {steps} steps of batch {args.batch_size}, lr {args.lr:g}"
+
+
+def learning_curves_plot(out: Path, model: str, extra: dict, args) -> str:
+    from open_clip_medclip.demo_frozen import curves_png
+
+    path = curves_png(out / "plots" / "learning_curves.png", extra["learning_curves"], ARM_LABELS, args.batch_size,
+                      f"{model}, frozen trunks: training loss and held-out zero-shot AUC per epoch "
+                      f"(mean over {args.seeds} seeds; band: min to max)")
+    return str(path.relative_to(out))
 
 
 if __name__ == "__main__":

@@ -114,6 +114,14 @@ def _resolve_prompts(suite: Suite, prompts: str | Mapping | None, per_class, see
     return suite_prompts(suite.definition, per_class=per_class, seed=seed)
 
 
+def suite_class_prompts(suite: Suite) -> tuple[dict[str, list[str]], str]:
+    """(the class prompts `run_zeroshot` uses by default: its first draw, the suite's ensembling) of a binary or
+    multi-class suite; for scoring cached features the same way (`open_clip_medclip.frozen`)."""
+    spec = suite.definition.get("prompts") or {}
+    return (_resolve_prompts(suite, None, "default", int(spec.get("seed", 42))),
+            suite.definition.get("ensemble", "logit"))
+
+
 def run_zeroshot(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable, preprocess: Callable,
                  device: str | torch.device = "cpu", *, prompts: str | Mapping | None = None,
                  prompts_per_class: int | None | str = "default", prompt_seed: int | None = None,

@@ -1,6 +1,6 @@
 """The README's fine-tuning table: `medclip eval finetune` on the pediatric suite, demo checkpoint vs ImageNet vs random.
 
-    medclip demo --seeds 1 --no-plots --out medclip_demo        # the demo's checkpoint (semantic matching, seed 0)
+    medclip demo --full-towers --seeds 1 --no-plots --out medclip_demo        # the demo's checkpoint (semantic matching, seed 0)
     python tests/benchmarks/finetune_table.py --demo-dir medclip_demo [--seeds 3] [--epochs 2] [--machine TEXT]
 
 Runs `medclip eval finetune --init checkpoint imagenet random` (the command the README shows) on the demo's
@@ -29,7 +29,7 @@ SUITE = Path("suites") / "pediatric-pneumonia"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo-dir", required=True, help="the --out folder of `medclip demo --seeds 1`")
+    parser.add_argument("--demo-dir", required=True, help="the --out folder of `medclip demo --full-towers --seeds 1`")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--work", default=None, help="finetune output folder (default: a temporary one)")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, suite = demo / CHECKPOINT, demo / SUITE
     for path in (checkpoint, suite):
         if not path.exists():
-            parser.error(f"{path} is missing: run `medclip demo --seeds 1 --no-plots --out {demo}` first")
+            parser.error(f"{path} is missing: run `medclip demo --full-towers --seeds 1 --no-plots --out {demo}` first")
     from open_clip_medclip.eval.cli import main as eval_main
 
     work = Path(args.work or tempfile.mkdtemp(prefix="finetune_table_"))
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": {
             "path_in_demo_dir": str(CHECKPOINT),
             "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-            "how_made": "`medclip demo --seeds 1 --no-plots --out medclip_demo` (defaults: medclip-demo from ImageNet "
+            "how_made": "`medclip demo --full-towers --seeds 1 --no-plots --out medclip_demo` (defaults: medclip-demo from ImageNet "
                         "EfficientNet-Lite0 + all-MiniLM-L6-v2, semantic matching loss, seed 0, 2 epochs x 1024 "
                         "samples, batch 32, lr 2e-4, half NIH / half pediatric training images, 128 px): the run "
                         "medclip-demo-soft-seed0, final checkpoint. Its training stream includes the pediatric "

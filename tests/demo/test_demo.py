@@ -1,4 +1,5 @@
-"""`medclip demo` end to end on the bundled sample with a tiny budget (the full run is README command 1):
+"""`medclip demo --full-towers` (the paper's setting) end to end on the bundled sample with a tiny budget (the frozen-tower
+default: test_frozen.py; the full run is README command 1):
 paired table and verdict, every held-out image, loadable checkpoints, and reproducibility (same seed, same
 machine -> a byte-identical results JSON)."""
 from __future__ import annotations
@@ -13,8 +14,8 @@ import open_clip_medclip  # noqa: F401
 from open_clip_medclip.demo import RESULTS_FILE, comparison_table
 from open_clip_medclip.demo import main as demo_main
 
-TINY = ["--model", "medclip-tiny", "--seeds", "2", "--epochs", "1", "--samples-per-epoch", "32", "--batch-size", "16",
-        "--bootstrap", "30"]
+TINY = ["--model", "medclip-tiny", "--full-towers", "--seeds", "2", "--epochs", "1", "--samples-per-epoch", "32",
+        "--batch-size", "16", "--bootstrap", "30"]
 
 
 @pytest.mark.slow
@@ -67,3 +68,9 @@ def test_demo_rejects_bad_flags():
         demo_main(["--losses", "soft", "soft"])
     with pytest.raises(SystemExit, match="--nih-share"):
         demo_main(["--nih-share", "1"])
+    with pytest.raises(SystemExit, match="--views"):
+        demo_main(["--views", "0"])
+    with pytest.raises(SystemExit, match="temperatures above 0"):
+        demo_main(["--temperature-candidates", "0.5,0"])
+    with pytest.raises(SystemExit, match="--validation-fraction"):
+        demo_main(["--validation-fraction", "1"])
