@@ -37,8 +37,8 @@ import numpy as np
 
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
-from open_clip_medclip.labels import CODE_DTYPE, LabelError, to_codes
-from open_clip_medclip.shards.format import SPEC_VERSION, dump_json
+from open_clip_medclip.labels import CODE_DTYPE, POLICIES, LabelError, to_codes
+from open_clip_medclip.shards.format import IMAGE_KINDS, KINDS, SHARD_PATTERN, SPEC_VERSION, dump_json, open_url
 
 INDEX_VERSION = 1
 INDEX_FILE = "index.json"
@@ -237,7 +237,7 @@ def index_files(facts: Iterable[ShardFacts], label_policy: str, spec_version: in
         "spec_version": spec_version,
         "label_order": list(CHEXPERT_FINDINGS),
         "label_policy": label_policy,
-        "shards": {s.name: {"samples": len(s.keys), "kinds": dict(sorted(s.kinds.items()))} for s in shards},
+        "shards": {s.name: ShardInfo(s.name, len(s.keys), dict(s.kinds)).to_json() for s in shards},
         "samples": sum(len(s.keys) for s in shards),
         "kinds": dict(sorted(kinds.items())),
         "bank": {"file": BANK_FILE, "entries": len(bank_map), "sha256": _sha256(bank)},
@@ -272,22 +272,6 @@ def sibling_url(index_location: str, name: str) -> str:
     return head + name + tail if found else index_location.rstrip("/") + "/" + name
 
 
-def open_url(url: str):
-    """A binary read handle for a local path, `file:`, `pipe:`, http(s) and the other `webdataset.gopen` schemes,
-    or any fsspec URL (s3://, gs://, memory:// ...) when fsspec and its backend are installed."""
-    scheme = url.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) else ""
-    if not scheme:
-        return open(url, "rb")
-    import webdataset
-
-    schemes = webdataset.gopen_schemes
-    if scheme == "file" or scheme in schemes:
-        return webdataset.gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
 def read_url(url: str, what: str = "file") -> bytes:
     """All bytes at `url`; ShardIndexError naming the URL when it cannot be read."""
     try:
@@ -306,13 +290,22 @@ def read_url(url: str, what: str = "file") -> bytes:
 
 @dataclass
 class ShardInfo:
+    """One entry of `index.json`'s `shards`: `{name: {"samples": n, "kinds": {kind: n}}}`."""
+
     name: str
     samples: int
     kinds: dict[str, int]
 
     @property
     def image_samples(self) -> int:
-        return self.kinds.get("paired", 0) + self.kinds.get("image", 0)
+        return sum(self.kinds.get(kind, 0) for kind in IMAGE_KINDS)
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "kinds": dict(sorted(self.kinds.items()))}
+
+    @classmethod
+    def from_json(cls, name: str, entry: Mapping) -> ShardInfo:
+        return cls(name, entry["samples"], dict(entry["kinds"]))
 
 
 @dataclass
@@ -374,8 +367,7 @@ def parse_index(data: bytes, location: str) -> ShardIndex:
     return ShardIndex(
         location=location, index_version=document["index_version"], spec_version=document["spec_version"],
         label_policy=document["label_policy"], label_order=document["label_order"],
-        shards={name: ShardInfo(name, entry["samples"], dict(entry["kinds"]))
-                for name, entry in document["shards"].items()},
+        shards={name: ShardInfo.from_json(name, entry) for name, entry in document["shards"].items()},
         samples=document["samples"], kinds=dict(document["kinds"]), bank=document["bank"],
         checksums=document["checksums"])
 
@@ -391,9 +383,6 @@ def read_index(location: str) -> ShardIndex:
 
 def index_problems(document: object) -> list[str]:
     """Structure problems of an `index.json` document (the schema's `index` definition, hand-written)."""
-    from open_clip_medclip.labels import POLICIES
-    from open_clip_medclip.shards.format import KINDS, SHARD_PATTERN
-
     if not isinstance(document, dict):
         return ["index must be a JSON object"]
     required = {"index_version", "spec_version", "label_order", "label_policy", "shards", "samples", "kinds",
@@ -436,5 +425,5 @@ def index_problems(document: object) -> list[str]:
 
 
 __all__ = ["BANK_FILE", "CHECKSUMS_FILE", "INDEX_FILE", "INDEX_VERSION", "BankArrays", "ShardIndexError", "ShardFacts",
-           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "open_url", "parse_index",
+           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "parse_index",
            "read_index", "read_url", "sample_checksum", "sibling_url"]
