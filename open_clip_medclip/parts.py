@@ -46,9 +46,8 @@ def part_json(part: tuple[int, int] | None) -> dict | None:
 
 def read_part(document: object) -> tuple[int, int] | None:
     """(I, N) from {"index", "count"} or the labeler's older {"index", "of"}; None when absent or malformed."""
-    index, count = (document.get("index"), document.get("count", document.get("of"))) if isinstance(
-        document, dict) else (None, None)
-    return (index, count) if type(index) is int and type(count) is int and 1 <= index <= count else None
+    part = (document.get("index"), document.get("count", document.get("of"))) if isinstance(document, dict) else ()
+    return part if len(part) == 2 and all(type(v) is int for v in part) and 1 <= part[0] <= part[1] else None
 
 
 def part_suffix(part: tuple[int, int]) -> str:

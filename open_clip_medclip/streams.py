@@ -338,7 +338,6 @@ def _read_longer_side(url: str) -> int | None:
     side = Provenance.from_json(document).longer_side if isinstance(document, dict) else None
     if side is None:
         log.warning("medclip streams: %s gives no integer image.longer_side: image sizes are not checked", url)
-        return None
     return side
 
 

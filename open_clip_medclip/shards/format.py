@@ -69,9 +69,8 @@ def shard_name(prefix: str, index: int) -> str:
 
 @dataclass
 class Provenance:
-    """`provenance.json` (spec §6), typed: the builder writes it, merge combines it, validate and streams read it.
-    `from_json` reads any file so far (a missing key reads as None, validate names it; a part as {index, count} or
-    {index, of}); `to_json` is the document the builder writes, so `dump_json` of it repeats byte for byte."""
+    """`provenance.json` (spec §5): `from_json` reads any file so far (a missing key as None: `validate` names it;
+    a part as {index, count} or {index, of}); `to_json` is what the builder and merge write, byte for byte."""
 
     uncertainty_policy: str
     kinds: dict[str, int]
@@ -155,12 +154,9 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 
 
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> None:
-    """A reproducible tar of (member name, bytes) in the given order, written to a temp name, fsynced, renamed."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """A reproducible tar of (member name, bytes) in the given order (small tars: built in memory), `write_atomic`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             tar.addfile(tar_member_info(name, len(data)), io.BytesIO(data))
-    with open(temp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    write_atomic(path, buffer.getvalue())

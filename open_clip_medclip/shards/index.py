@@ -2,22 +2,8 @@
 
 Written by `medclip shards build` (and by `medclip shards index DIR` for older builds, or `medclip shards merge`
 for part builds); checked by `medclip shards validate`; read by the training streams at start-up with
-`read_index(location)`. Format (index version 1, specified in `tarballs_spec/SPEC.md` §7):
-
-- `index.json`: `index_version`, `spec_version`, `label_order`, `label_policy` (the build's recorded policy),
-  `shards` (`{name: {"samples": n, "kinds": {kind: n}}}`), `samples`, `kinds`, and the two companion files with
-  their sha256: `bank` (`{"file", "entries", "sha256"}`) and `checksums` (`{"file", "samples", "sha256"}`).
-- `index-bank.npz` (NumPy zip, no pickles, fixed zip timestamps): the sentence bank. One entry per distinct
-  (sentence text, label codes) pair of the paired/text samples, sorted by UTF-8 text bytes then codes:
-  `text_bytes` uint8 (all texts, one UTF-8 buffer), `text_offsets` int64 [N+1] (entry i is
-  `text_bytes[text_offsets[i]:text_offsets[i+1]]`), `codes` int8 [N, 14] (raw codes, `labels.BLANK_CODE` = blank,
-  values as stored under the build's policy), `kinds` uint8 [N] (bit 1 = seen in a paired sample, bit 2 = in a
-  text sample), `counts` int32 [N] (occurrences). Bank entries of a sample: its `sentences`, or, for a text
-  sample without sentences, its report text with the sample labels.
-- `index-samples.jsonl`: one line per shard in name order, `{"shard", "keys", "checksums"}` with the sample keys in
-  tar order and each sample's content checksum (`sample_checksum`: sha256 over its members in extension order,
-  first 32 hex digits).
-
+`read_index(location)`. The format (index version 1: `index.json`, the sentence bank `index-bank.npz`, the
+per-sample checksums `index-samples.jsonl`) is specified in `tarballs_spec/SPEC.md` §7, and only there.
 Everything here is order-independent (sorted), so N part builds merged give the index of a single build.
 """
 from __future__ import annotations
@@ -425,5 +411,5 @@ def index_problems(document: object) -> list[str]:
 
 
 __all__ = ["BANK_FILE", "CHECKSUMS_FILE", "INDEX_FILE", "INDEX_VERSION", "BankArrays", "ShardIndexError", "ShardFacts",
-           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "parse_index",
-           "read_index", "read_url", "sample_checksum", "sibling_url"]
+           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "parse_index", "read_index",
+           "read_url", "sample_checksum", "sibling_url"]
