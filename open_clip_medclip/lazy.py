@@ -12,8 +12,8 @@ def lazy_attributes(package: str, names: Mapping[str, str],
                     public: Iterable[str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """`__getattr__, __dir__ = lazy_attributes(__name__, {"Name": "submodule", ...}, __all__)`.
 
-    `names` maps each lazy name to the submodule of `package` that defines it; the value is cached in the
-    package's namespace on first access.
+    `names` maps each lazy name to the module that defines it, relative to `package` ("submodule", or
+    ".sibling.module" one level up); the value is cached in the package's namespace on first access.
     """
     module = sys.modules[package]
     public = tuple(public)
@@ -21,7 +21,7 @@ def lazy_attributes(package: str, names: Mapping[str, str],
     def __getattr__(name: str):
         if name not in names:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+        value = getattr(importlib.import_module(f".{names[name]}", package), name)
         setattr(module, name, value)
         return value
 

@@ -39,6 +39,17 @@ def in_part(identity: str, part: tuple[int, int] | None) -> bool:
     return part is None or part[1] == 1 or part_of(identity, part[1]) == part[0]
 
 
+def part_json(part: tuple[int, int] | None) -> dict | None:
+    """The one JSON shape of "part I of N" that is written: {"index": I, "count": N} (None: not a part)."""
+    return None if part is None else {"index": part[0], "count": part[1]}
+
+
+def read_part(document: object) -> tuple[int, int] | None:
+    """(I, N) from {"index", "count"} or the labeler's older {"index", "of"}; None when absent or malformed."""
+    part = (document.get("index"), document.get("count", document.get("of"))) if isinstance(document, dict) else ()
+    return part if len(part) == 2 and all(type(v) is int for v in part) and 1 <= part[0] <= part[1] else None
+
+
 def part_suffix(part: tuple[int, int]) -> str:
     """'part002of008': appended to shard prefixes so the shards of N parts never share a name."""
     return f"part{part[0]:03d}of{part[1]:03d}"

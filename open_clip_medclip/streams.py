@@ -323,6 +323,7 @@ class _IndexCache:
 def _read_longer_side(url: str) -> int | None:
     import json
 
+    from .shards.format import Provenance
     from .shards.index import ShardIndexError, read_url
 
     try:
@@ -334,10 +335,9 @@ def _read_longer_side(url: str) -> int | None:
     except (ValueError, UnicodeDecodeError) as exc:
         log.warning("medclip streams: %s is not valid JSON (%s): image sizes are not checked", url, exc)
         return None
-    side = (document.get("image") or {}).get("longer_side") if isinstance(document, dict) else None
-    if not isinstance(side, int) or isinstance(side, bool):
+    side = Provenance.from_json(document).longer_side if isinstance(document, dict) else None
+    if side is None:
         log.warning("medclip streams: %s gives no integer image.longer_side: image sizes are not checked", url)
-        return None
     return side
 
 

@@ -23,7 +23,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from urllib.parse import urlparse
 
 import open_clip
 import open_clip.loss
@@ -31,8 +30,8 @@ import open_clip_train.data as ocd
 import webdataset as wds
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host
 
-# `webdataset.gopen` is shadowed by the function of the same name in the package namespace.
-wds_gopen = importlib.import_module("webdataset.gopen")
+from open_clip_medclip.shards import format as shard_format
+
 wds_filters = importlib.import_module("webdataset.filters")
 wds_tar = importlib.import_module("webdataset.tariterators")
 
@@ -49,7 +48,6 @@ _REQUIRED = {
     wds: ("DataPipeline", "WebLoader", "batched", "select", "map"),
     wds_filters: ("FilterFunction", "_shuffle", "_select", "_batched"),
     wds_tar: ("tar_file_expander", "tarfile_samples"),
-    wds_gopen: ("gopen", "gopen_schemes"),
     open_clip.loss: ("gather_features",),
 }
 
@@ -72,12 +70,6 @@ log_and_continue = ocd.log_and_continue
 # ----------------------------------------------------------------------------------------------------------------
 # Reading shards from any URL
 # ----------------------------------------------------------------------------------------------------------------
-def gopen_handles(url: str) -> bool:
-    """Whether webdataset's `gopen` opens `url` itself (local paths, file:, pipe:, http(s):, ...)."""
-    scheme = urlparse(url).scheme
-    return scheme in ("", "file") or (len(scheme) == 1) or scheme in wds_gopen.gopen_schemes
-
-
 class CheckedHttpBody:
     """An HTTP response body that fails loudly when it ends before its Content-Length (a cut connection), where
     `http.client` would end the stream quietly and leave a tar cut mid-member."""
@@ -180,19 +172,14 @@ class WatchedPipe:
 
 
 def open_url(url: str, timeout: float | None = None):
-    """A binary stream for any URL webdataset or fsspec can open (fsspec for `s3://`, `gcs://`, `memory://`...);
-    http(s) and `pipe:` with a stall `timeout` when one is given."""
-    if timeout and urlparse(url).scheme in ("http", "https"):
+    """http(s) and `pipe:` with a stall `timeout` when one is given; any other URL through the library's one
+    opener."""
+    scheme = shard_format.url_scheme(url)
+    if timeout and scheme in ("http", "https"):
         return open_http(url, timeout)
-    if timeout and url.startswith("pipe:"):
+    if timeout and scheme == "pipe":
         return WatchedPipe(url, timeout)
-    if gopen_handles(url):
-        return wds_gopen.gopen(url, "rb")
-    try:
-        import fsspec
-    except ImportError:  # pragma: no cover - fsspec is a dependency of open_clip_train
-        raise ValueError(f"{url}: webdataset has no handler for this URL scheme and fsspec is not installed") from None
-    return fsspec.open(url, "rb").open()
+    return shard_format.open_url(url)
 
 
 def shard_samples(url: str, handler: Callable[[Exception], bool], timeout: float | None = None) -> Iterator[dict]:

@@ -24,7 +24,7 @@ from open_clip_medclip.lazy import lazy_attributes
 
 _NAMES = {
     "LABELER_NAME": "labeler", "LABELER_VERSION": "labeler", "Labeler": "labeler", "ReportLabels": "labeler",
-    "SentenceLabels": "labeler", "iter_reports": "readers", "DEFAULT_RULES_DIR": "rules", "rules_hash": "rules",
+    "SentenceLabels": "labeler", "iter_reports": ".sources.reports", "DEFAULT_RULES_DIR": "rules", "rules_hash": "rules",
 }
 
 __all__ = ["Labeler", "ReportLabels", "SentenceLabels", "iter_reports", "rules_hash", "LABELER_NAME",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
-from open_clip_medclip.parts import parse_part
+from open_clip_medclip.parts import parse_part, part_json
 
 PROVENANCE_SUFFIX = ".provenance.json"
 # Label-count columns per finding; index = position in COUNT_KEYS.
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, part: tuple[int, int] | None) -> int:
     from open_clip_medclip.atomic import atomic_write, write_text
     from open_clip_medclip.knowledge.labeler import Labeler, chunked
-    from open_clip_medclip.knowledge.readers import iter_reports
     from open_clip_medclip.knowledge.rules import RuleFileError
     from open_clip_medclip.labels import CSV_TEXT, VALUE_MEANINGS
+    from open_clip_medclip.sources.reports import iter_reports
 
     input_path, out_path = Path(args.input), Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace, part: tuple[int, int] | None) -> int:
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "text_column": args.text_column, "id_column": id_column, "header": not args.no_header,
         "encoding": args.encoding, "sentences_mode": args.sentences, "workers": args.workers,
-        "part": None if part is None else {"index": part[0], "of": part[1], "first_report": selected[0] + 1,
+        "part": None if part is None else {**part_json(part), "first_report": selected[0] + 1,
                                            "last_report": selected[1], "reports_in_input": available},
         "reports": reports, "rows": rows, "elapsed_s": round(elapsed, 3),
         "duplicate_ids": duplicates.summary(),

@@ -69,19 +69,6 @@ PIPELINE = ("medclip_sections", "medclip_sentences", "medclip_mentions", "medcli
 DEFAULT_LABEL_SECTIONS = ("findings", "impression")
 OTHER_ABNORMALITY_LABEL = "Other Abnormality"
 
-_FACTORY_NAMES = ("make_sections", "make_sentences", "make_mentions", "make_negation", "make_uncertainty",
-                  "make_scope", "make_labels")
-
-
-def __getattr__(name: str):
-    """`make_*` (the `spacy_factories` entry points) live in `knowledge.factories`, which imports spaCy and
-    registers them; loading an entry point through this module registers them too."""
-    if name in _FACTORY_NAMES or name == "register_extensions":
-        from open_clip_medclip.knowledge import factories
-
-        return getattr(factories, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def finding_label(index: int) -> str:
     return OTHER_ABNORMALITY_LABEL if index == OTHER_ABNORMALITY_INDEX else CHEXPERT_FINDINGS[index]

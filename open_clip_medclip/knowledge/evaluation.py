@@ -111,7 +111,7 @@ def evaluate_on_iu(label_many: Callable[[list[str]], Iterable[Sequence[float | N
                    reports_path: str | Path = IU_REPORTS_TGZ, gold_path: str | Path = IU_GOLD_DEV_CSV,
                    uncertain_positive: bool = False) -> dict:
     """Label every gold-labelled IU report with `label_many(texts) -> label vectors` and compare."""
-    from open_clip_medclip.knowledge.readers import iter_reports
+    from open_clip_medclip.sources.reports import iter_reports
 
     gold = read_gold(gold_path)
     reports = [(uid, text) for uid, text in iter_reports(reports_path) if uid in gold]

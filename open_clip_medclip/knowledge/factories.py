@@ -1,9 +1,8 @@
 """The `medclip_*` spaCy factories and the Doc/Span extensions the components fill.
 
 Imported (with spaCy) only when a spaCy pipeline is built: `components.build_pipeline`, or spaCy loading the
-`spacy_factories` entry points (they name `components.make_*`, which resolve here). The labeler's fast path
-uses the component classes in `components` without spaCy, so `medclip label` starts without importing spaCy
-(and, through thinc, torch).
+`spacy_factories` entry points (setup.cfg names these `make_*`). The labeler's fast path uses the component
+classes in `components` without spaCy, so `medclip label` starts without importing spaCy (or, via thinc, torch).
 """
 from __future__ import annotations
 

@@ -34,7 +34,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES, policy_values
 from open_clip_medclip.parts import in_part, part_suffix
 from open_clip_medclip.shards.format import (
@@ -53,6 +52,7 @@ from open_clip_medclip.shards.format import (
     TEXT_KINDS,
     UNKNOWN_LICENCE,
     WORK_DIR,
+    Provenance,
     dump_json,
     sample_key,
     shard_name,
@@ -489,41 +489,31 @@ def _finish(out_dir: Path, planned: list[PlannedSample], source_rejects: list[di
     reasons = dict(sorted(Counter(reject["reason"] for reject in rejects).items()))
     kinds = dict(sorted(Counter(sample.kind for sample in written).items()))
     sources = Counter(sample.record.source for sample in written)
-    provenance = {
-        "spec_version": SPEC_VERSION,
-        "label_order": list(CHEXPERT_FINDINGS),
-        "uncertainty_policy": options.uncertainty,
-        "sources": [{"name": name, "samples": count,
-                     "licence": options.licence or SOURCE_LICENCES.get(name, UNKNOWN_LICENCE)}
-                    for name, count in sorted(sources.items())],
-        "labeler": labeler_info,
-        "kinds": kinds,
-        "image": {"format": options.image_format, "longer_side": options.image_size, "mode": "L",
-                  "jpeg_quality": JPEG_QUALITY if options.image_format == "jpg" else None},
-        "text_unit": options.text_unit,
-        "samples_per_shard": options.samples_per_shard,
-        "shards": len(names),
-        "counts": {"inputs": len(planned) + len(source_rejects), "written": len(written), "rejected": len(rejects)},
-        "reject_reasons": reasons,
-        "build_fingerprint": fingerprint,
-        "builder": "open_clip_medclip.shards",
-    }
-    if options.part:
-        provenance["part"] = {"index": options.part[0], "count": options.part[1]}
+    provenance = Provenance(
+        uncertainty_policy=options.uncertainty,
+        sources=[{"name": name, "samples": count,
+                  "licence": options.licence or SOURCE_LICENCES.get(name, UNKNOWN_LICENCE)}
+                 for name, count in sorted(sources.items())],
+        labeler=labeler_info, kinds=kinds,
+        image={"format": options.image_format, "longer_side": options.image_size, "mode": "L",
+               "jpeg_quality": JPEG_QUALITY if options.image_format == "jpg" else None},
+        text_unit=options.text_unit, samples_per_shard=options.samples_per_shard, shards=len(names),
+        counts={"inputs": len(planned) + len(source_rejects), "written": len(written), "rejected": len(rejects)},
+        reject_reasons=reasons, build_fingerprint=fingerprint, part=options.part or None)
     write_atomic(out_dir / REJECTS_FILE, "".join(dump_json(reject) + "\n" for reject in rejects).encode())
     write_atomic(out_dir / SIZES_FILE, (dump_json(sizes, indent=2) + "\n").encode())
     write_index_files(out_dir, index_files(facts, options.uncertainty), write_atomic)
-    write_atomic(out_dir / PROVENANCE_FILE, (dump_json(provenance, indent=2) + "\n").encode())
+    write_atomic(out_dir / PROVENANCE_FILE, (dump_json(provenance.to_json(), indent=2) + "\n").encode())
     shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
-    return BuildSummary(str(out_dir), provenance["counts"]["inputs"], len(written), len(rejects), len(names),
+    return BuildSummary(str(out_dir), provenance.counts["inputs"], len(written), len(rejects), len(names),
                         reasons, kinds, resumed_shards=resumed, seconds=round(seconds, 3),
                         samples_per_second=round(len(written) / seconds, 1) if seconds > 0 else 0.0)
 
 
 def _summary_from_files(out_dir: Path, started: float) -> BuildSummary:
-    provenance = json.loads((out_dir / PROVENANCE_FILE).read_text())
-    counts = provenance["counts"]
-    return BuildSummary(str(out_dir), counts["inputs"], counts["written"], counts["rejected"], provenance["shards"],
-                        provenance["reject_reasons"], provenance["kinds"], already_complete=True,
+    provenance = Provenance.from_json(json.loads((out_dir / PROVENANCE_FILE).read_text()))
+    counts = provenance.counts
+    return BuildSummary(str(out_dir), counts["inputs"], counts["written"], counts["rejected"], provenance.shards,
+                        provenance.reject_reasons, provenance.kinds, already_complete=True,
                         seconds=round(time.perf_counter() - started, 3))

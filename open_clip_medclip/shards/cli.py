@@ -26,7 +26,7 @@ from open_clip_medclip.errors import UserError, WorkNotDone
 from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES
 from open_clip_medclip.parts import parse_part
 from open_clip_medclip.shards.builder import BuildError, BuildOptions, build_shards
-from open_clip_medclip.shards.format import DEFAULT_IMAGE_SIZE, IMAGE_FORMATS, KINDS
+from open_clip_medclip.shards.format import DEFAULT_IMAGE_SIZE, IMAGE_FORMATS, KINDS, TEXT_KINDS
 from open_clip_medclip.shards.validate import validate_shards
 from open_clip_medclip.sources.records import SourceError
 from open_clip_medclip.sources.registry import ALIASES, SOURCES, get_source
@@ -102,7 +102,7 @@ def _select(items: Iterable, split: str | None, limit: int | None) -> Iterable:
 
 
 def _needs_labeler(kinds: tuple[str, ...], source: str) -> bool:
-    return source != "labelled-csv" and any(kind in ("paired", "text") for kind in kinds)
+    return source != "labelled-csv" and any(kind in TEXT_KINDS for kind in kinds)
 
 
 def run_build(args: argparse.Namespace) -> int:

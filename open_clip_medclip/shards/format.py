@@ -11,12 +11,16 @@ import os
 import re
 import tarfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from open_clip_medclip.findings import CHEXPERT_FINDINGS
+from open_clip_medclip.parts import part_json, read_part
 
 SPEC_VERSION = 1
 KINDS = ("paired", "image", "text")
 IMAGE_FORMATS = ("jpg", "png")
-IMAGE_KINDS = ("paired", "image")
+IMAGE_KINDS = ("paired", "image")  # the kinds whose samples carry an image (the others carry text only)
 TEXT_KINDS = ("paired", "text")
 MEMBER_EXTENSIONS = ("jpg", "png", "txt", "json")
 JPEG_QUALITY = 95
@@ -63,6 +67,44 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
+@dataclass
+class Provenance:
+    """`provenance.json` (spec §5): `from_json` reads any file so far (a missing key as None: `validate` names it;
+    a part as {index, count} or {index, of}); `to_json` is what the builder and merge write, byte for byte."""
+
+    uncertainty_policy: str
+    kinds: dict[str, int]
+    image: dict
+    text_unit: str
+    samples_per_shard: int
+    sources: list[dict]
+    shards: int
+    labeler: dict | None
+    counts: dict[str, int]
+    reject_reasons: dict[str, int]
+    build_fingerprint: str
+    spec_version: int = SPEC_VERSION
+    label_order: list[str] = field(default_factory=lambda: list(CHEXPERT_FINDINGS))
+    builder: str = "open_clip_medclip.shards"
+    part: tuple[int, int] | None = None  # written as parts.part_json
+    merged_from: int | None = None  # the number of part builds `medclip shards merge` combined
+
+    @property
+    def longer_side(self) -> int | None:
+        """`image.longer_side` when the file gives an integer (the decoded-image size check needs it)."""
+        side = self.image.get("longer_side") if isinstance(self.image, dict) else None
+        return side if type(side) is int else None
+
+    def to_json(self) -> dict:
+        document = {item.name: getattr(self, item.name) for item in fields(self)} | {"part": part_json(self.part)}
+        return {key: value for key, value in document.items() if value is not None or key == "labeler"}
+
+    @classmethod
+    def from_json(cls, document: dict) -> Provenance:
+        return cls(**{item.name: document.get(item.name) for item in fields(cls)} | {"part": read_part(
+            document.get("part"))})
+
+
 def dump_json(value: object, indent: int | None = None) -> str:
     """The one JSON encoding used in shards and beside them: sorted keys, UTF-8, no NaN (so bytes repeat)."""
     separators = (",", ": ") if indent else (",", ":")
@@ -79,6 +121,27 @@ def tar_member_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def url_scheme(url: str) -> str:
+    """The URL's scheme, lower case; "" for a local path (a Windows drive letter too). The one scheme test."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):", url)
+    return match[1].lower() if match else ""
+
+
+def open_url(url: str):
+    """A binary read handle for a local path, `file:`, `pipe:`, http(s) and the other `webdataset.gopen` schemes,
+    or any fsspec URL (s3://, gs://, memory:// ...) when fsspec and its backend are installed."""
+    scheme = url_scheme(url)
+    if not scheme:
+        return open(url, "rb")
+    import webdataset
+
+    if scheme == "file" or scheme in webdataset.gopen_schemes:
+        return webdataset.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write `data` to `.<name>.tmp`, fsync, rename: the file is either absent, the old one or complete."""
     path = Path(path)
@@ -91,12 +154,9 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 
 
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> None:
-    """A reproducible tar of (member name, bytes) in the given order, written to a temp name, fsynced, renamed."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """A reproducible tar of (member name, bytes) in the given order (small tars: built in memory), `write_atomic`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             tar.addfile(tar_member_info(name, len(data)), io.BytesIO(data))
-    with open(temp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    write_atomic(path, buffer.getvalue())

@@ -2,22 +2,8 @@
 
 Written by `medclip shards build` (and by `medclip shards index DIR` for older builds, or `medclip shards merge`
 for part builds); checked by `medclip shards validate`; read by the training streams at start-up with
-`read_index(location)`. Format (index version 1, specified in `tarballs_spec/SPEC.md` §7):
-
-- `index.json`: `index_version`, `spec_version`, `label_order`, `label_policy` (the build's recorded policy),
-  `shards` (`{name: {"samples": n, "kinds": {kind: n}}}`), `samples`, `kinds`, and the two companion files with
-  their sha256: `bank` (`{"file", "entries", "sha256"}`) and `checksums` (`{"file", "samples", "sha256"}`).
-- `index-bank.npz` (NumPy zip, no pickles, fixed zip timestamps): the sentence bank. One entry per distinct
-  (sentence text, label codes) pair of the paired/text samples, sorted by UTF-8 text bytes then codes:
-  `text_bytes` uint8 (all texts, one UTF-8 buffer), `text_offsets` int64 [N+1] (entry i is
-  `text_bytes[text_offsets[i]:text_offsets[i+1]]`), `codes` int8 [N, 14] (raw codes, `labels.BLANK_CODE` = blank,
-  values as stored under the build's policy), `kinds` uint8 [N] (bit 1 = seen in a paired sample, bit 2 = in a
-  text sample), `counts` int32 [N] (occurrences). Bank entries of a sample: its `sentences`, or, for a text
-  sample without sentences, its report text with the sample labels.
-- `index-samples.jsonl`: one line per shard in name order, `{"shard", "keys", "checksums"}` with the sample keys in
-  tar order and each sample's content checksum (`sample_checksum`: sha256 over its members in extension order,
-  first 32 hex digits).
-
+`read_index(location)`. The format (index version 1: `index.json`, the sentence bank `index-bank.npz`, the
+per-sample checksums `index-samples.jsonl`) is specified in `tarballs_spec/SPEC.md` §7, and only there.
 Everything here is order-independent (sorted), so N part builds merged give the index of a single build.
 """
 from __future__ import annotations
@@ -37,8 +23,8 @@ import numpy as np
 
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
-from open_clip_medclip.labels import CODE_DTYPE, LabelError, to_codes
-from open_clip_medclip.shards.format import SPEC_VERSION, dump_json
+from open_clip_medclip.labels import CODE_DTYPE, POLICIES, LabelError, to_codes
+from open_clip_medclip.shards.format import IMAGE_KINDS, KINDS, SHARD_PATTERN, SPEC_VERSION, dump_json, open_url
 
 INDEX_VERSION = 1
 INDEX_FILE = "index.json"
@@ -237,7 +223,7 @@ def index_files(facts: Iterable[ShardFacts], label_policy: str, spec_version: in
         "spec_version": spec_version,
         "label_order": list(CHEXPERT_FINDINGS),
         "label_policy": label_policy,
-        "shards": {s.name: {"samples": len(s.keys), "kinds": dict(sorted(s.kinds.items()))} for s in shards},
+        "shards": {s.name: ShardInfo(s.name, len(s.keys), dict(s.kinds)).to_json() for s in shards},
         "samples": sum(len(s.keys) for s in shards),
         "kinds": dict(sorted(kinds.items())),
         "bank": {"file": BANK_FILE, "entries": len(bank_map), "sha256": _sha256(bank)},
@@ -272,22 +258,6 @@ def sibling_url(index_location: str, name: str) -> str:
     return head + name + tail if found else index_location.rstrip("/") + "/" + name
 
 
-def open_url(url: str):
-    """A binary read handle for a local path, `file:`, `pipe:`, http(s) and the other `webdataset.gopen` schemes,
-    or any fsspec URL (s3://, gs://, memory:// ...) when fsspec and its backend are installed."""
-    scheme = url.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) else ""
-    if not scheme:
-        return open(url, "rb")
-    import webdataset
-
-    schemes = webdataset.gopen_schemes
-    if scheme == "file" or scheme in schemes:
-        return webdataset.gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
 def read_url(url: str, what: str = "file") -> bytes:
     """All bytes at `url`; ShardIndexError naming the URL when it cannot be read."""
     try:
@@ -306,13 +276,22 @@ def read_url(url: str, what: str = "file") -> bytes:
 
 @dataclass
 class ShardInfo:
+    """One entry of `index.json`'s `shards`: `{name: {"samples": n, "kinds": {kind: n}}}`."""
+
     name: str
     samples: int
     kinds: dict[str, int]
 
     @property
     def image_samples(self) -> int:
-        return self.kinds.get("paired", 0) + self.kinds.get("image", 0)
+        return sum(self.kinds.get(kind, 0) for kind in IMAGE_KINDS)
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "kinds": dict(sorted(self.kinds.items()))}
+
+    @classmethod
+    def from_json(cls, name: str, entry: Mapping) -> ShardInfo:
+        return cls(name, entry["samples"], dict(entry["kinds"]))
 
 
 @dataclass
@@ -374,8 +353,7 @@ def parse_index(data: bytes, location: str) -> ShardIndex:
     return ShardIndex(
         location=location, index_version=document["index_version"], spec_version=document["spec_version"],
         label_policy=document["label_policy"], label_order=document["label_order"],
-        shards={name: ShardInfo(name, entry["samples"], dict(entry["kinds"]))
-                for name, entry in document["shards"].items()},
+        shards={name: ShardInfo.from_json(name, entry) for name, entry in document["shards"].items()},
         samples=document["samples"], kinds=dict(document["kinds"]), bank=document["bank"],
         checksums=document["checksums"])
 
@@ -391,9 +369,6 @@ def read_index(location: str) -> ShardIndex:
 
 def index_problems(document: object) -> list[str]:
     """Structure problems of an `index.json` document (the schema's `index` definition, hand-written)."""
-    from open_clip_medclip.labels import POLICIES
-    from open_clip_medclip.shards.format import KINDS, SHARD_PATTERN
-
     if not isinstance(document, dict):
         return ["index must be a JSON object"]
     required = {"index_version", "spec_version", "label_order", "label_policy", "shards", "samples", "kinds",
@@ -436,5 +411,5 @@ def index_problems(document: object) -> list[str]:
 
 
 __all__ = ["BANK_FILE", "CHECKSUMS_FILE", "INDEX_FILE", "INDEX_VERSION", "BankArrays", "ShardIndexError", "ShardFacts",
-           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "open_url", "parse_index",
-           "read_index", "read_url", "sample_checksum", "sibling_url"]
+           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "parse_index", "read_index",
+           "read_url", "sample_checksum", "sibling_url"]

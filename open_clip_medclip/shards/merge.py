@@ -10,12 +10,12 @@ sentence bank of a single build of the same inputs; only shard boundaries and na
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from open_clip_medclip.errors import UserError
@@ -24,6 +24,7 @@ from open_clip_medclip.shards.format import (
     REJECTS_FILE,
     SIZES_FILE,
     WORK_DIR,
+    Provenance,
     dump_json,
     write_atomic,
 )
@@ -54,13 +55,13 @@ def write_index(folder: str | Path) -> ShardIndex:
     if not report.ok:
         raise ShardIndexError(f"{folder}: not indexed, the build has {len(report.problems)} problem(s), first: "
                               f"{report.problems[0]}; see 'medclip shards validate {folder}'")
-    provenance = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
-    files = index_files(report.facts, provenance["uncertainty_policy"], provenance["spec_version"])
+    provenance = Provenance.from_json(json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8")))
+    files = index_files(report.facts, provenance.uncertainty_policy, provenance.spec_version)
     write_index_files(folder, files, write_atomic)
     return parse_index(files[INDEX_FILE], str(folder / INDEX_FILE))
 
 
-@dataclass
+@dataclasses.dataclass
 class MergeSummary:
     out_dir: str
     parts: int
@@ -79,7 +80,7 @@ class MergeSummary:
         return dict(self.__dict__)
 
 
-def _load_part(folder: Path) -> tuple[dict, ShardIndex]:
+def _load_part(folder: Path) -> tuple[Provenance, ShardIndex]:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     if (folder / WORK_DIR).exists():
@@ -89,7 +90,7 @@ def _load_part(folder: Path) -> tuple[dict, ShardIndex]:
     if not (folder / INDEX_FILE).exists():
         raise UserError(f"{folder}: has no {INDEX_FILE}; write it with 'medclip shards index {folder}'")
     try:
-        provenance = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        provenance = Provenance.from_json(json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8")))
     except ValueError as exc:
         raise UserError(f"{folder / PROVENANCE_FILE}: not valid JSON ({exc})") from None
     index = parse_index((folder / INDEX_FILE).read_bytes(), str(folder / INDEX_FILE))
@@ -98,28 +99,28 @@ def _load_part(folder: Path) -> tuple[dict, ShardIndex]:
     return provenance, index
 
 
-def _check_parts(folders: list[Path], provenances: list[dict]) -> None:
+def _check_parts(folders: list[Path], provenances: list[Provenance]) -> None:
     first = provenances[0]
     for folder, provenance in zip(folders[1:], provenances[1:]):
         for key in SAME_IN_EVERY_PART:
-            if provenance.get(key) != first.get(key):
-                raise UserError(f"{folder}: {key} is {provenance.get(key)!r} but {folders[0]} has "
-                                f"{first.get(key)!r}; only parts of one build can be merged")
-    parts = [provenance.get("part") for provenance in provenances]
+            if getattr(provenance, key) != getattr(first, key):
+                raise UserError(f"{folder}: {key} is {getattr(provenance, key)!r} but {folders[0]} has "
+                                f"{getattr(first, key)!r}; only parts of one build can be merged")
+    parts = [provenance.part for provenance in provenances]
     if all(part is None for part in parts):
         return  # independent builds of the same settings: allowed as long as names and keys do not collide
     if any(part is None for part in parts):
         whole = folders[parts.index(None)]
         raise UserError(f"{whole}: is not a part build (no provenance part) but other folders are")
-    counts = {part["count"] for part in parts}
+    counts = {count for _, count in parts}
     if len(counts) > 1:
         raise UserError(f"the folders are parts of different splits (N = {', '.join(map(str, sorted(counts)))})")
     count = counts.pop()
     seen: dict[int, Path] = {}
-    for folder, part in zip(folders, parts):
-        if part["index"] in seen:
-            raise UserError(f"{folder}: part {part['index']}/{count} is also {seen[part['index']]}")
-        seen[part["index"]] = folder
+    for folder, (index, _) in zip(folders, parts):
+        if index in seen:
+            raise UserError(f"{folder}: part {index}/{count} is also {seen[index]}")
+        seen[index] = folder
     missing = [f"{i}/{count}" for i in range(1, count + 1) if i not in seen]
     if missing:
         raise UserError(f"missing part(s) {', '.join(missing)}; build them with --part, or merge all {count}")
@@ -185,38 +186,32 @@ def merge_builds(part_dirs: list[str | Path], out_dir: str | Path) -> MergeSumma
     provenance = _merged_provenance(provenances, len(sizes))
     write_atomic(out / REJECTS_FILE, "".join(line + "\n" for line in rejects).encode())
     write_atomic(out / SIZES_FILE, (dump_json(dict(sorted(sizes.items())), indent=2) + "\n").encode())
-    write_index_files(out, index_files(facts, provenance["uncertainty_policy"], provenance["spec_version"],
+    write_index_files(out, index_files(facts, provenance.uncertainty_policy, provenance.spec_version,
                                        bank_entries_map=bank), write_atomic)
-    write_atomic(out / PROVENANCE_FILE, (dump_json(provenance, indent=2) + "\n").encode())
-    counts = provenance["counts"]
+    write_atomic(out / PROVENANCE_FILE, (dump_json(provenance.to_json(), indent=2) + "\n").encode())
+    counts = provenance.counts
     return MergeSummary(str(out), len(folders), len(sizes), counts["inputs"], counts["written"], counts["rejected"],
                         linked, copied)
 
 
-def _merged_provenance(provenances: list[dict], shards: int) -> dict:
-    merged = {key: value for key, value in provenances[0].items() if key != "part"}
+def _merged_provenance(provenances: list[Provenance], shards: int) -> Provenance:
     sources: dict[str, dict] = {}
     kinds: Counter = Counter()
     reasons: Counter = Counter()
     counts: Counter = Counter()
     for provenance in provenances:
-        for source in provenance["sources"]:
+        for source in provenance.sources:
             entry = sources.setdefault(source["name"], {**source, "samples": 0})
             entry["samples"] += source["samples"]
-        kinds.update(provenance["kinds"])
-        reasons.update(provenance["reject_reasons"])
-        counts.update(provenance["counts"])
-    fingerprints = sorted(p["build_fingerprint"] for p in provenances)
-    merged.update({
-        "sources": [sources[name] for name in sorted(sources)],
-        "kinds": dict(sorted(kinds.items())),
-        "reject_reasons": dict(sorted(reasons.items())),
-        "counts": {key: counts[key] for key in ("inputs", "written", "rejected")},
-        "shards": shards,
-        "build_fingerprint": hashlib.sha256("\n".join(fingerprints).encode()).hexdigest(),
-        "merged_from": len(provenances),
-    })
-    return merged
+        kinds.update(provenance.kinds)
+        reasons.update(provenance.reject_reasons)
+        counts.update(provenance.counts)
+    fingerprints = sorted(p.build_fingerprint for p in provenances)
+    return dataclasses.replace(
+        provenances[0], part=None, sources=[sources[name] for name in sorted(sources)],
+        kinds=dict(sorted(kinds.items())), reject_reasons=dict(sorted(reasons.items())),
+        counts={key: counts[key] for key in ("inputs", "written", "rejected")}, shards=shards,
+        build_fingerprint=hashlib.sha256("\n".join(fingerprints).encode()).hexdigest(), merged_from=len(provenances))
 
 
 __all__ = ["INDEX_FILES", "MergeSummary", "merge_builds", "write_index"]

@@ -17,13 +17,14 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from PIL import Image
 
 from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.labels import POLICIES, STORED_VALUES, stored_value_problems, vector_problems
+from open_clip_medclip.parts import read_part
 from open_clip_medclip.shards.format import (
     IMAGE_FORMATS,
     IMAGE_KINDS,
@@ -36,6 +37,7 @@ from open_clip_medclip.shards.format import (
     TEMP_SUFFIX,
     TEXT_KINDS,
     WORK_DIR,
+    Provenance,
     sample_key,
 )
 from open_clip_medclip.shards.index import (
@@ -51,9 +53,7 @@ from open_clip_medclip.sources.records import REJECT_REASONS
 
 MEMBER_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_-]+)\.(?P<ext>jpg|png|txt|json)$")
 SAMPLE_KEYS = {"kind", "id", "source", "labels", "sentences", "meta"}
-PROVENANCE_KEYS = {"spec_version", "label_order", "uncertainty_policy", "sources", "labeler", "kinds", "image",
-                   "text_unit", "samples_per_shard", "shards", "counts", "reject_reasons", "build_fingerprint",
-                   "builder"}
+PROVENANCE_KEYS = {item.name for item in fields(Provenance)} - {"part", "merged_from"}  # the required keys
 IMAGE_MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
 
 
@@ -135,8 +135,7 @@ def check_provenance(document: object) -> list[str]:
     if "uncertainty_policy" in document and document["uncertainty_policy"] not in POLICIES:
         problems.append(f"uncertainty_policy {document['uncertainty_policy']!r} is not one of {POLICIES}")
     part = document.get("part")
-    if part is not None and not (isinstance(part, dict) and set(part) == {"index", "count"} and all(
-            isinstance(part[k], int) for k in part) and 1 <= part["index"] <= part["count"]):
+    if part is not None and (read_part(part) is None or set(part) != {"index", "count"}):  # written shape only
         problems.append("part must be {index, count} integers with 1 <= index <= count")
     sources = document.get("sources", [])
     if not isinstance(sources, list) or not all(
@@ -261,9 +260,9 @@ def validate_shards(folder: str | Path, decode_images: bool = True, check_index:
         for message in check_provenance(provenance):
             report.problems.append(Problem(str(folder / PROVENANCE_FILE), None, message))
         if isinstance(provenance, dict):
-            if provenance.get("uncertainty_policy") in STORED_VALUES:
-                policy = provenance["uncertainty_policy"]
-            longer_side = (provenance.get("image") or {}).get("longer_side")
+            record = Provenance.from_json(provenance)
+            policy = record.uncertainty_policy if record.uncertainty_policy in STORED_VALUES else policy
+            longer_side = record.longer_side
     index = _read_index(folder, report) if check_index else None
     expected = index.sample_checksums() if index is not None else {}
     tars = sorted(p.name for p in folder.glob("*.tar"))

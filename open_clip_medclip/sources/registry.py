@@ -198,7 +198,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            _pediatric_flags, _pediatric_suite),
     Source("generic-csv", "any CSV: --image-column and/or --report-column, --label-columns or --class-column "
            "(suites: image,label[,split])", ("image",), ("csv",), _generic_csv_flags, _generic_csv_suite),
-    Source("iu-reports", "reports (IU XML folder/.tgz, CSV, .txt folder) via knowledge.iter_reports (--reports)",
+    Source("iu-reports", "reports (IU XML folder/.tgz, CSV, .txt folder) via sources.reports (--reports)",
            ("text",), ("reports",), _iu_reports_flags),
     Source("labelled-csv", "an already-labelled CSV (Reports + 14 finding columns; --csv)", ("text",), ("csv",),
            _labelled_csv_flags),

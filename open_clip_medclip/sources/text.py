@@ -7,6 +7,7 @@ from pathlib import Path
 
 from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.sources.records import Record, SourceItem, labels_from_columns, read_csv, row_reject
+from open_clip_medclip.sources.reports import iter_reports
 
 REPORTS_SOURCE = "reports"
 LABELLED_SOURCE = "labelled"
@@ -14,12 +15,10 @@ LABELLED_SOURCE = "labelled"
 
 def iter_report_texts(path: str | Path, text_column: str = "Reports", id_column: str | None = None,
                       source: str = REPORTS_SOURCE) -> Iterator[SourceItem]:
-    """Reports from a CSV, IU/OpenI XML (folder or .tgz) or a folder of .txt files, via the labeler's reader.
+    """Reports from a CSV, IU/OpenI XML (folder or .tgz) or a folder of .txt files (`sources/reports.py`).
 
     Records carry no labels; the builder labels each text. Reports without an id get `report<N>` (1-based).
     """
-    from open_clip_medclip.knowledge import iter_reports
-
     for number, (report_id, text) in enumerate(iter_reports(path, text_column, id_column), start=1):
         yield Record(id=str(report_id) if report_id else f"report{number}", source=source, report_text=text or "")
 

@@ -49,7 +49,7 @@ SAMPLE_REPORTS = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sa
 def iu_sentences(max_reports: int | None = None) -> list[str]:
     """Every labelled sentence of the bundled IU reports, as often as it occurs (what training pairs draw)."""
     from open_clip_medclip.knowledge import Labeler
-    from open_clip_medclip.knowledge.readers import iter_reports
+    from open_clip_medclip.sources.reports import iter_reports
 
     labeler = Labeler()
     sentences = []

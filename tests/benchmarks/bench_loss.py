@@ -50,7 +50,7 @@ def _zeros_policy(values) -> list[float]:
 def iu_label_pools(max_reports: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(report-level label vectors, sentence label vectors) of the bundled IU reports, `zeros` policy."""
     from open_clip_medclip.knowledge import Labeler
-    from open_clip_medclip.knowledge.readers import iter_reports
+    from open_clip_medclip.sources.reports import iter_reports
 
     labeler = Labeler()
     reports, sentences = [], []

@@ -66,7 +66,7 @@ SAMPLE_REPORTS = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sa
 def iu_pairs(max_reports: int | None = None) -> list[tuple[str, list[float], list[float]]]:
     """(sentence, report labels, sentence labels) for every labelled sentence of the bundled IU reports (zeros policy)."""
     from open_clip_medclip.knowledge import Labeler
-    from open_clip_medclip.knowledge.readers import iter_reports
+    from open_clip_medclip.sources.reports import iter_reports
 
     def zeros(values):
         return [1.0 if value == 1 else 0.0 for value in values]

@@ -22,6 +22,7 @@ import pytest
 
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.knowledge.cli import main, part_range
+from open_clip_medclip.parts import read_part
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -176,7 +177,7 @@ def test_parts_concatenated_equal_the_single_run(tmp_path, sample_dir, sentences
         assert main([str(small), "--out", str(part), "--part", f"{index}/3", *flags]) == 0
         parts.append(part.read_text(encoding="utf-8").splitlines(keepends=True))
         provenance = json.loads((tmp_path / f"part{index}.csv.provenance.json").read_text())
-        assert provenance["part"]["index"] == index and provenance["part"]["of"] == 3
+        assert read_part(provenance["part"]) == (index, 3)  # written {index, count} (was {index, of})
     assert all(lines[0] == parts[0][0] for lines in parts)  # same header
     merged = parts[0][0] + "".join(line for lines in parts for line in lines[1:])
     assert merged == single.read_text(encoding="utf-8")

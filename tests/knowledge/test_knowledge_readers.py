@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from open_clip_medclip.knowledge import iter_reports
-from open_clip_medclip.knowledge.readers import ReportInputError
+from open_clip_medclip.sources.reports import ReportInputError
 
 IU_XML = """<?xml version="1.0" encoding="utf-8"?>
 <eCitation><uId id="CXR{n}"/><MedlineCitation><Article><Abstract>
