@@ -58,7 +58,7 @@ def setup(out: Path, data: dict, model_name: str, args) -> FrozenSetup:
 
     from open_clip_medclip.augment import medclip_train_transform
     from open_clip_medclip.eval.prompts import chexzero_pairs
-    from open_clip_medclip.eval.suites import load_suite
+    from open_clip_medclip.eval.suites.load import load_suite
     from open_clip_medclip.eval.zeroshot import suite_class_prompts
     from open_clip_medclip.findings import FINDING_INDEX
 

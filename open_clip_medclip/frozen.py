@@ -303,7 +303,7 @@ def pairs_task(image: np.ndarray, targets: np.ndarray, pairs: dict[str, tuple[st
 def suite_image_features(model: nn.Module, model_name: str, suite, preprocess: Callable, cache_dir: Path
                          ) -> np.ndarray:
     """Cached image trunk features of a suite's test images under the evaluation transform."""
-    from open_clip_medclip.eval.suites import load_image
+    from open_clip_medclip.eval.suites.build import load_image
 
     entries = suite.split("test")
     parts = image_cache_parts(f"suite {suite.name} test images", model_name, model, preprocess,

@@ -316,7 +316,7 @@ def heatmap(model: nn.Module, classifier: ZeroShotClassifier, image, preprocess:
     their mean over the h x w feature grid equals the logit exactly (pooling and projection commute)."""
     preprocess = preprocess or default_preprocess(model)
     if isinstance(image, (str, Path)):
-        from open_clip_medclip.eval.suites import load_image
+        from open_clip_medclip.eval.suites.build import load_image
 
         image = load_image(image)
     if not isinstance(image, torch.Tensor):

@@ -28,16 +28,10 @@ import numpy as np
 from open_clip_medclip.errors import UserError, resolve_device, unknown_name_error
 from open_clip_medclip.eval import plots
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, markdown_table, softmax
-from open_clip_medclip.eval.suites import (
-    CUSTOM_TEMPLATES_JSON,
-    TEMPLATES_TXT,
-    SuiteError,
-    available_suites,
-    build_suite,
-    csv_definition,
-    load_suite,
-    suites_root,
-)
+from open_clip_medclip.eval.suites.build import build_suite
+from open_clip_medclip.eval.suites.definitions import SuiteError, available_suites, csv_definition, suites_root
+from open_clip_medclip.eval.suites.export import CUSTOM_TEMPLATES_JSON, TEMPLATES_TXT
+from open_clip_medclip.eval.suites.load import load_suite
 
 TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 

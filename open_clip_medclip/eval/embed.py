@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from open_clip_medclip.eval.suites import load_image
+from open_clip_medclip.eval.suites.build import load_image
 from open_clip_medclip.shards.images import ImageRejected
 
 

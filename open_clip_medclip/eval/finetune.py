@@ -53,7 +53,8 @@ from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval.embed import _collate, _ImageFiles
 from open_clip_medclip.eval.linear_probe import fit_linear_probe, per_class_sample
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics, multilabel_auc, softmax
-from open_clip_medclip.eval.suites import Suite, SuiteEntry, SuiteError
+from open_clip_medclip.eval.suites.definitions import SuiteError
+from open_clip_medclip.eval.suites.load import Suite, SuiteEntry
 
 INITS = ("checkpoint", "imagenet", "random")
 CLASSIFIER_FORMAT = "open_clip_medclip.image_classifier/1"

@@ -15,7 +15,8 @@ import torch
 
 from open_clip_medclip.eval.embed import embed_images, evaluation_mode
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics
-from open_clip_medclip.eval.suites import Suite, SuiteError, load_suite
+from open_clip_medclip.eval.suites.definitions import SuiteError
+from open_clip_medclip.eval.suites.load import Suite, load_suite
 
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 

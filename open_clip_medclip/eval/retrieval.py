@@ -15,7 +15,8 @@ import torch
 
 from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, retrieval_metrics
-from open_clip_medclip.eval.suites import Suite, SuiteError, load_suite, suite_prompts
+from open_clip_medclip.eval.suites.definitions import SuiteError, suite_prompts
+from open_clip_medclip.eval.suites.load import Suite, load_suite
 from open_clip_medclip.sources.records import read_csv
 
 

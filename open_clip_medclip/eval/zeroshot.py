@@ -21,7 +21,8 @@ import torch
 from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode, logit_scale
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics, multilabel_auc
 from open_clip_medclip.eval.prompts import chexzero_pairs, load_prompt_set, prompts_hash, sample_prompts, select_classes
-from open_clip_medclip.eval.suites import Suite, SuiteEntry, load_suite, suite_prompts
+from open_clip_medclip.eval.suites.definitions import suite_prompts
+from open_clip_medclip.eval.suites.load import Suite, SuiteEntry, load_suite
 
 ENSEMBLES = ("logit", "embed", "max")
 LINEAR_ENSEMBLES = ("logit", "embed")

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from open_clip_medclip.demo import default_model
     from open_clip_medclip.eval.finetune import FinetuneOptions, build_classifier, train_classifier
-    from open_clip_medclip.eval.suites import build_suite, load_suite
+    from open_clip_medclip.eval.suites.build import build_suite
+    from open_clip_medclip.eval.suites.load import load_suite
 
     model_name = args.model or default_model()
     init = "imagenet" if model_name == "medclip-demo" else "random"

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from open_clip_medclip.eval.suites import build_suite, load_definition
+from open_clip_medclip.eval.suites.build import build_suite
+from open_clip_medclip.eval.suites.definitions import load_definition
 
 TINY_PER_CLASS = 6
 

@@ -17,7 +17,9 @@ import torch
 from open_clip_medclip import benchmark
 from open_clip_medclip.eval import cli as eval_cli
 from open_clip_medclip.eval.embed import embed_texts
-from open_clip_medclip.eval.suites import CUSTOM_TEMPLATES_JSON, TEMPLATES_TXT, load_suite, suite_prompts
+from open_clip_medclip.eval.suites.definitions import suite_prompts
+from open_clip_medclip.eval.suites.export import CUSTOM_TEMPLATES_JSON, TEMPLATES_TXT
+from open_clip_medclip.eval.suites.load import load_suite
 
 REPO = Path(__file__).resolve().parents[2]
 

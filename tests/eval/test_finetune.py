@@ -25,7 +25,7 @@ from open_clip_medclip.eval.finetune import (
     split_suite,
 )
 from open_clip_medclip.eval.linear_probe import per_class_sample, run_linear_probe
-from open_clip_medclip.eval.suites import load_suite
+from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.sources import SAMPLE_DATA_DIR
 
 TINY = "medclip-tiny"
@@ -170,7 +170,7 @@ def test_saved_classifier_reloads_and_reproduces_its_test_predictions(tiny_suite
     assert np.array_equal(logits, np.asarray(run["test_logits"], np.float32))
     assert kept.tolist() == list(range(12))
     # the documented call: preprocess each PIL image, stack, call
-    from open_clip_medclip.eval.suites import load_image
+    from open_clip_medclip.eval.suites.build import load_image
 
     images = torch.stack([classifier.preprocess(load_image(e.image_path)) for e in suite.split("test")[:4]])
     with torch.no_grad():

@@ -25,7 +25,8 @@ import open_clip_medclip as mc
 from open_clip_medclip import predict_cli
 from open_clip_medclip.eval.embed import embed_images, embed_texts
 from open_clip_medclip.eval.metrics import softmax
-from open_clip_medclip.eval.suites import load_image, load_suite
+from open_clip_medclip.eval.suites.build import load_image
+from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.eval.zeroshot import auroc_summary, classification_metrics, pair_probabilities, run_zeroshot
 from open_clip_medclip.heatmaps import HeatmapUnsupported
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from open_clip_medclip.eval import suites as S
+from open_clip_medclip.eval.suites.build import build_suite
+from open_clip_medclip.eval.suites.definitions import MANIFEST_NAME, SuiteError, csv_definition, load_definition
+from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.findings import CHEXPERT_COMPETITION_FINDINGS, CHEXPERT_FINDINGS
 
 
@@ -24,8 +26,8 @@ def _jpeg(path: Path, value: int = 100) -> None:
 
 
 def test_build_twice_gives_the_same_manifest_hash(tmp_path, tiny_nih_definition):
-    first = S.build_suite(tiny_nih_definition, "sample", tmp_path / "a", progress=False)
-    second = S.build_suite(tiny_nih_definition, "sample", tmp_path / "b", progress=False)
+    first = build_suite(tiny_nih_definition, "sample", tmp_path / "a", progress=False)
+    second = build_suite(tiny_nih_definition, "sample", tmp_path / "b", progress=False)
     assert first.manifest_sha256 == second.manifest_sha256
     assert (tmp_path / "a/wds/test/0.tar").read_bytes() == (tmp_path / "b/wds/test/0.tar").read_bytes()
     record = read_json(tmp_path / "a/suite.json")
@@ -38,7 +40,7 @@ def test_build_twice_gives_the_same_manifest_hash(tmp_path, tiny_nih_definition)
 
 
 def test_packaged_sample_suites_use_the_heldout_split(tmp_path):
-    result = S.build_suite("pediatric-pneumonia", "sample", tmp_path / "ped", progress=False)
+    result = build_suite("pediatric-pneumonia", "sample", tmp_path / "ped", progress=False)
     assert result.counts["test"] == {"Normal": 100, "Pneumonia": 100}
     assert result.counts["train"] == {"Normal": 200, "Pneumonia": 200}
 
@@ -48,7 +50,7 @@ def test_missing_image_in_manifest_is_a_clear_error(tiny_suite, tmp_path):
     shutil.copytree(tiny_suite, copy)
     victim = sorted((copy / "images").iterdir())[0]
     victim.unlink()
-    suite = S.load_suite(copy)
+    suite = load_suite(copy)
     with pytest.raises(FileNotFoundError, match=victim.stem):
         suite.check_images()
 
@@ -59,7 +61,7 @@ def test_corrupt_image_is_rejected_and_counted_at_build(tmp_path):
     (tmp_path / "img2.jpg").write_bytes(b"\xff\xd8not a jpeg")
     with open(tmp_path / "suite.csv", "w") as handle:
         handle.write("image,label\n" + "".join(f"img{i}.jpg,{lab}\n" for i, lab in enumerate(["cat", "dog", "cat", "dog"])))
-    result = S.build_suite(S.csv_definition(tmp_path / "suite.csv"), tmp_path / "suite.csv", tmp_path / "out",
+    result = build_suite(csv_definition(tmp_path / "suite.csv"), tmp_path / "suite.csv", tmp_path / "out",
                            progress=False)
     assert result.num_rejected == 1 and result.counts["test"] == {"cat": 1, "dog": 2}
     rejects = (tmp_path / "out/rejects.jsonl").read_text()
@@ -69,9 +71,9 @@ def test_corrupt_image_is_rejected_and_counted_at_build(tmp_path):
 def test_missing_raw_image_stops_the_build_naming_it(tmp_path):
     _jpeg(tmp_path / "a.jpg")
     (tmp_path / "suite.csv").write_text("image,label\na.jpg,x\nb.jpg,y\n")
-    with pytest.raises(S.SuiteError, match="b.jpg"):
-        S.build_suite(S.csv_definition(tmp_path / "suite.csv"), tmp_path / "suite.csv", tmp_path / "out", progress=False)
-    result = S.build_suite(S.csv_definition(tmp_path / "suite.csv"), tmp_path / "suite.csv", tmp_path / "out2",
+    with pytest.raises(SuiteError, match="b.jpg"):
+        build_suite(csv_definition(tmp_path / "suite.csv"), tmp_path / "suite.csv", tmp_path / "out", progress=False)
+    result = build_suite(csv_definition(tmp_path / "suite.csv"), tmp_path / "suite.csv", tmp_path / "out2",
                            skip_missing=True, progress=False)
     assert result.num_rejected == 1
 
@@ -85,13 +87,13 @@ def test_build_suite_whose_every_test_image_is_rejected_exits_1_and_keeps_the_ol
     build = ["eval", "build-suite", str(tmp_path / "suite.csv"), "--out", str(tmp_path / "out"), "--skip-missing",
              "--quiet"]
     assert medclip_main(build) == 0
-    manifest = (tmp_path / "out" / S.MANIFEST_NAME).read_bytes()
+    manifest = (tmp_path / "out" / MANIFEST_NAME).read_bytes()
     capsys.readouterr()
     (tmp_path / "a.jpg").unlink()
     assert medclip_main(build) == 1
     assert capsys.readouterr().err.strip() == ("medclip eval: build-suite: suite 'suite' not written: all 1 selected "
                                                "test image(s) were rejected (1 missing_image)")
-    assert (tmp_path / "out" / S.MANIFEST_NAME).read_bytes() == manifest
+    assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == manifest
 
 
 def _chexpert_fixture(root: Path, per_class: int = 12) -> Path:
@@ -130,17 +132,17 @@ def _chexpert_fixture(root: Path, per_class: int = 12) -> Path:
 
 def test_chexpert_5x200_recipe_and_frontal_variant(tmp_path):
     raw = _chexpert_fixture(tmp_path / "raw")
-    definition = S.load_definition("chexpert-5x200")
+    definition = load_definition("chexpert-5x200")
     definition["recipe"] = {**definition["recipe"], "per_class": 8}
-    result = S.build_suite(definition, raw, tmp_path / "all", progress=False)
+    result = build_suite(definition, raw, tmp_path / "all", progress=False)
     assert sum(result.counts["test"].values()) == 20 and sum(result.counts["train"].values()) == 20
     manifest = (tmp_path / "all/manifest.csv").read_text()
     assert "patient000" in manifest and "lateral" in manifest
-    again = S.build_suite(definition, raw, tmp_path / "again", progress=False)
+    again = build_suite(definition, raw, tmp_path / "again", progress=False)
     assert again.manifest_sha256 == result.manifest_sha256
-    frontal = S.load_definition("chexpert-5x200-frontal")
+    frontal = load_definition("chexpert-5x200-frontal")
     frontal["recipe"] = {**frontal["recipe"], "per_class": 8}
-    S.build_suite(frontal, raw, tmp_path / "frontal", progress=False)
+    build_suite(frontal, raw, tmp_path / "frontal", progress=False)
     assert "lateral" not in (tmp_path / "frontal/manifest.csv").read_text()
 
 
@@ -160,8 +162,8 @@ def test_mimic_recipe(tmp_path):
             _jpeg(raw / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg", n)
     (raw / "mimic-cxr-2.0.0-chexpert.csv").write_text("\n".join(labels) + "\n")
     (raw / "mimic-cxr-2.0.0-metadata.csv").write_text("\n".join(meta) + "\n")
-    definition = S.load_definition("mimic-5x200-frontal")
-    result = S.build_suite(definition, raw, tmp_path / "out", progress=False)
+    definition = load_definition("mimic-5x200-frontal")
+    result = build_suite(definition, raw, tmp_path / "out", progress=False)
     total = sum(result.counts["test"].values()) + sum(result.counts["train"].values())
     assert total == 15  # 3 frontal images per class
 
@@ -173,7 +175,7 @@ def test_covid_recipe_balances_the_test_set(tmp_path):
     for i in range(15):
         _jpeg(raw / "Normal/images" / f"Normal-{i}.png", 50 + i)
     _jpeg(raw / "Viral Pneumonia/images/Viral-0.png")
-    result = S.build_suite("covid", raw, tmp_path / "out", progress=False)
+    result = build_suite("covid", raw, tmp_path / "out", progress=False)
     assert result.counts["test"] == {"Normal": 6, "COVID": 6}
     assert result.counts["train"] == {"Normal": 9, "COVID": 0}
 
@@ -190,17 +192,17 @@ def test_rsna_recipe_reads_dicom(tmp_path, sample_dir):
         target = 1 if i % 4 == 0 else 0
         rows.append(f"{pid},1,2,3,4,{target}" if target else f"{pid},,,,,0")
     (raw / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
-    definition = S.load_definition("rsna-pneumonia")
+    definition = load_definition("rsna-pneumonia")
     definition["recipe"] = {**definition["recipe"], "holdout_fraction": 0.5}
-    result = S.build_suite(definition, raw, tmp_path / "out", progress=False)
+    result = build_suite(definition, raw, tmp_path / "out", progress=False)
     test = result.counts["test"]
     assert test["Normal"] == test["Pneumonia"] > 0
     assert all(path.suffix == ".png" for path in (tmp_path / "out/images").iterdir())
 
 
 def test_load_suite_errors_name_the_problem(tmp_path):
-    with pytest.raises(S.SuiteError, match="not built"):
-        S.load_suite("chexpert-5x200-not-a-suite")
+    with pytest.raises(SuiteError, match="not built"):
+        load_suite("chexpert-5x200-not-a-suite")
     (tmp_path / "bad.csv").write_text("path,cls\na.jpg,x\n")
-    with pytest.raises(S.SuiteError, match="'image'"):
-        S.load_suite(tmp_path / "bad.csv")
+    with pytest.raises(SuiteError, match="'image'"):
+        load_suite(tmp_path / "bad.csv")

@@ -11,7 +11,7 @@ from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval import cli
 from open_clip_medclip.eval.linear_probe import run_linear_probe
 from open_clip_medclip.eval.retrieval import run_retrieval, text_pool
-from open_clip_medclip.eval.suites import load_suite
+from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.eval.zeroshot import class_scores, pair_probabilities, run_zeroshot, zero_shot_metrics
 
 

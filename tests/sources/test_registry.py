@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.eval.suites import SuiteError, build_suite, iter_raw_records, load_definition
+from open_clip_medclip.eval.suites.build import build_suite, iter_raw_records
+from open_clip_medclip.eval.suites.definitions import SuiteError, load_definition
 from open_clip_medclip.findings import CHEXPERT_FINDINGS
 from open_clip_medclip.shards.cli import main as shards_main
 from open_clip_medclip.sources import SAMPLE_DATA_DIR, Record

@@ -254,7 +254,8 @@ def test_zero_shot_hooks_run_without_val_data(tmp_path: Path, small_shards):
 
 
 def test_suite_zero_shot_runs_inside_training(tmp_path: Path, small_shards):
-    from open_clip_medclip.eval.suites import build_suite, load_definition
+    from open_clip_medclip.eval.suites.build import build_suite
+    from open_clip_medclip.eval.suites.definitions import load_definition
 
     definition = load_definition("nih-pneumonia")
     definition["name"] = "nih-train-tiny"

@@ -1,12 +1,6 @@
-"""Evaluation suites: the loader the harness uses, and the one import point for the suite modules.
-
-A suite definition (`eval_suites/<name>.json`, `suite_definitions`) names its classes, the rule that puts an image
-in a class, the split recipe and seed (`suite_recipes`), the prompt set and the ensembling. `build_suite`
-(`suite_build`) reads the user's raw dataset through the `open_clip_medclip.sources` adapters, applies the recipe,
-copies the chosen images into the output folder and writes a manifest (ids + sha256, hashed itself) plus the
-CLIP_benchmark `wds` layout (`suite_export`). `load_suite` (here) opens a built folder, a definition-free CSV
-(`image,label[,split]` or `image,labels` with `|`-separated names) or a packaged suite name under a root.
-"""
+"""A built suite opened for evaluation: `Suite` / `SuiteEntry` and `load_suite` (a built folder, a
+definition-free CSV (`image,label[,split]` or `image,labels` with `|`-separated names) or a packaged suite name
+under a root)."""
 from __future__ import annotations
 
 import json
@@ -16,41 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from open_clip_medclip.eval.suite_build import (  # noqa: F401  (re-exported)
-    BuildResult,
-    build_suite,
-    collect_candidates,
-    iter_raw_records,
-    load_image,
-    manifest_sha256,
-    read_image_bytes,
-    sha256_bytes,
-)
-from open_clip_medclip.eval.suite_definitions import (  # noqa: F401  (re-exported)
-    MANIFEST_COLUMNS,
+from open_clip_medclip.eval.suites.build import manifest_sha256, sha256_bytes
+from open_clip_medclip.eval.suites.definitions import (
     MANIFEST_NAME,
-    SPLITS,
     SUITE_FILE,
-    SUITES_ROOT_ENV,
     MissingImagesError,
     SuiteError,
-    _safe_id,
     available_suites,
-    csv_definition,
-    load_definition,
-    suite_prompts,
     suites_root,
 )
-from open_clip_medclip.eval.suite_export import (  # noqa: F401  (re-exported)
-    CUSTOM_TEMPLATES_JSON,
-    MIN_WDS_SHARDS,
-    TEMPLATES_TXT,
-    WDS_SHARD_SIZE,
-    class_agnostic_templates,
-    write_wds,
-)
-from open_clip_medclip.eval.suite_recipes import RECIPES, Candidate, select_split  # noqa: F401  (re-exported)
-from open_clip_medclip.sources import SAMPLE_DATA_DIR  # noqa: F401  (re-exported)
 from open_clip_medclip.sources.suite_csv import read_suite_csv
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from open_clip_medclip.eval.suite_definitions import SPLITS
+from open_clip_medclip.eval.suites.definitions import SPLITS
 from open_clip_medclip.shards.format import write_tar
 
 WDS_SHARD_SIZE = 1000

@@ -18,7 +18,7 @@ from PIL import Image
 
 from open_clip_medclip.errors import UserError, WorkNotDone
 from open_clip_medclip.eval.prompts import prompts_hash
-from open_clip_medclip.eval.suite_definitions import (
+from open_clip_medclip.eval.suites.definitions import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     SPLITS,
@@ -28,11 +28,11 @@ from open_clip_medclip.eval.suite_definitions import (
     load_definition,
     suite_prompts,
 )
-from open_clip_medclip.eval.suite_export import write_wds
-from open_clip_medclip.eval.suite_recipes import Candidate, select_split
+from open_clip_medclip.eval.suites.export import write_wds
+from open_clip_medclip.eval.suites.recipes import Candidate, select_split
 from open_clip_medclip.findings import FINDING_INDEX
 from open_clip_medclip.labels import apply_policy
-from open_clip_medclip.sources import SAMPLE_DATA_DIR  # noqa: F401  (re-exported)
+from open_clip_medclip.sources import SAMPLE_DATA_DIR
 from open_clip_medclip.sources.records import Record, Reject, SourceError
 from open_clip_medclip.sources.registry import get_source
 

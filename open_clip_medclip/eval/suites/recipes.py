@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from open_clip_medclip.eval.suite_definitions import SuiteError
+from open_clip_medclip.eval.suites.definitions import SuiteError
 
 
 @dataclass
