@@ -198,13 +198,13 @@ def load_task_classifier(args: argparse.Namespace, device) -> tuple:
     from open_clip_medclip.heatmaps import check_tower
 
     if args.classifier:
-        from open_clip_medclip.eval.finetune import load_classifier as load_fine_tuned
+        from open_clip_medclip.eval.classifier import load_classifier as load_fine_tuned
 
         classifier = load_fine_tuned(args.classifier, device)
         if args.heatmaps:
             check_tower(classifier.tower)
         return classifier, classifier.preprocess, classifier.preprocess_cfg
-    from open_clip_medclip.eval.cli import load_model
+    from open_clip_medclip.eval.embed import load_model
 
     model, preprocess, tokenizer = load_model(args.model or DEFAULT_MODEL, args.pretrained, device)
     if args.heatmaps:

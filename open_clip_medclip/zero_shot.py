@@ -15,7 +15,7 @@ pairs. Scores go through `eval.zeroshot.linear_logits`, the rule `medclip eval z
 A classifier for `predict` is any object with `classes`, `activation` ('softmax' or 'sigmoid'), `logits(images)`
 (a preprocessed batch -> (n, C) logits) and `provenance()` (a JSON-able dict); `ZeroShotClassifier` is one, and
 its `heatmaps(images)` draws each class's additive share of the logit (see `open_clip_medclip.heatmaps`); a
-fine-tuned classifier loaded with `eval.finetune.load_classifier` is another (`predict(classifier, images)`).
+fine-tuned classifier loaded with `eval.classifier.load_classifier` is another (`predict(classifier, images)`).
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def predict(model: nn.Module, images, classifier: ImageClassifier | None = None,
             preprocess: Callable | None = None, batch_size: int = 32, num_workers: int = 0) -> Predictions:
     """Predictions for image files or folders (decoded like the shard builder: PNG/JPEG 8/16-bit, DICOM), PIL images,
     or a preprocessed tensor batch. Default classifier: the 14 CheXpert findings, multi-label (needs `tokenizer`).
-    A fine-tuned classifier (`eval.finetune.load_classifier`) is its own model: `predict(classifier, images)`, with
+    A fine-tuned classifier (`eval.classifier.load_classifier`) is its own model: `predict(classifier, images)`, with
     its own preprocessing. Unreadable files are listed in `rejected`, the rest predicted."""
     if classifier is None and isinstance(model, ImageClassifier):
         classifier = model

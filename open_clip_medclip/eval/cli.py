@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from open_clip_medclip.errors import UserError, resolve_device, unknown_name_error
+from open_clip_medclip.errors import UserError, resolve_device
 from open_clip_medclip.eval import plots
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, markdown_table, softmax
 from open_clip_medclip.eval.suites.build import build_suite
@@ -34,31 +34,6 @@ from open_clip_medclip.eval.suites.export import CUSTOM_TEMPLATES_JSON, TEMPLATE
 from open_clip_medclip.eval.suites.load import load_suite
 
 TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
-
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".zip", ".ckpt")
-
-
-def load_model(name: str, pretrained: str | None, device: str, **create_kwargs):
-    """(model, val preprocess, tokenizer) through OpenCLIP after registering the MedCLIP configs.
-
-    An unknown model name or a checkpoint path that does not exist is a one-line `UserError`; `create_kwargs` go
-    to `open_clip.create_model_and_transforms` (e.g. `pretrained_image=True`).
-    """
-    import open_clip
-
-    import open_clip_medclip  # noqa: F401  (registers medclip-* model configs)
-
-    if ":" not in name and name not in open_clip.list_models():
-        raise unknown_name_error("model", name, open_clip.list_models())
-    pretrained = None if not pretrained or pretrained.lower() == "none" else pretrained
-    if pretrained and not os.path.exists(pretrained) and (
-            os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)):
-        raise UserError(f"--pretrained {pretrained}: no such checkpoint file or folder")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
-                                                                 **create_kwargs)
-    model.eval()
-    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -207,6 +182,8 @@ def _prepare(args: argparse.Namespace):
     """Suites first, then the device policy, then the model: cheap checks fail before the model loads."""
     suites = _open_suites(args)
     device = resolve_device(args.device)
+    from open_clip_medclip.eval.embed import load_model
+
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device)
     return suites, device, model, preprocess, tokenizer
 
@@ -314,7 +291,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         rows.append((suite.name, summary))
     if rows:
         print(f"\nClassifiers: {Path(args.out)}/<suite>/{RUNS_FOLDER}/<start>-seed<k>/classifier.safetensors "
-              "(load with open_clip_medclip.eval.finetune.load_classifier).")
+              "(load with open_clip_medclip.eval.classifier.load_classifier).")
     return _finish("finetune", rows, (), Path(args.out), failures, table="\n\n".join(tables))
 
 

@@ -1,7 +1,9 @@
-"""Image and text embeddings for evaluation, with corrupt images excluded and counted instead of crashing a run."""
+"""The model under evaluation: loaded through OpenCLIP (`load_model`), and its image and text embeddings, with corrupt
+images excluded and counted instead of crashing a run."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -9,8 +11,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from open_clip_medclip.errors import UserError, unknown_name_error
 from open_clip_medclip.eval.suites.build import load_image
 from open_clip_medclip.shards.images import ImageRejected
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".zip", ".ckpt")
+
+
+def load_model(name: str, pretrained: str | None, device: str, **create_kwargs):
+    """(model, val preprocess, tokenizer) through OpenCLIP after registering the MedCLIP configs.
+
+    An unknown model name or a checkpoint path that does not exist is a one-line `UserError`; `create_kwargs` go
+    to `open_clip.create_model_and_transforms` (e.g. `pretrained_image=True`).
+    """
+    import open_clip
+
+    import open_clip_medclip  # noqa: F401  (registers medclip-* model configs)
+
+    if ":" not in name and name not in open_clip.list_models():
+        raise unknown_name_error("model", name, open_clip.list_models())
+    pretrained = None if not pretrained or pretrained.lower() == "none" else pretrained
+    if pretrained and not os.path.exists(pretrained) and (
+            os.sep in pretrained or "/" in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)):
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint file or folder")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                 **create_kwargs)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Fine-tuning loop speed: `eval.finetune.train_classifier` vs a bare PyTorch loop, same data and model, one run.
+"""Fine-tuning loop speed: `eval.finetune_train.train_classifier` vs a bare PyTorch loop, same data and model, one run.
 
     python tests/benchmarks/bench_finetune.py [--repeats 2] [--batch-size 32] [--model medclip-demo] [--machine TEXT]
 
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from open_clip_medclip.demo import default_model
-    from open_clip_medclip.eval.finetune import FinetuneOptions, build_classifier, train_classifier
+    from open_clip_medclip.eval.classifier import build_classifier
+    from open_clip_medclip.eval.finetune_train import FinetuneOptions, train_classifier
     from open_clip_medclip.eval.suites.build import build_suite
     from open_clip_medclip.eval.suites.load import load_suite
 

@@ -13,17 +13,9 @@ import torch
 from PIL import Image
 
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.eval.finetune import (
-    CLASSIFIER_FILE,
-    PROGRESS_FILE,
-    RUN_FILE,
-    FinetuneOptions,
-    build_classifier,
-    load_classifier,
-    predict_logits,
-    run_finetune,
-    split_suite,
-)
+from open_clip_medclip.eval.classifier import build_classifier, load_classifier
+from open_clip_medclip.eval.finetune import CLASSIFIER_FILE, RUN_FILE, run_finetune
+from open_clip_medclip.eval.finetune_train import PROGRESS_FILE, FinetuneOptions, predict_logits, split_suite
 from open_clip_medclip.eval.linear_probe import per_class_sample, run_linear_probe
 from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.sources import SAMPLE_DATA_DIR
@@ -261,7 +253,7 @@ def test_multilabel_suite_trains_with_sigmoid_and_reports_per_finding_auc(tmp_pa
 
 
 def test_paired_differences_are_start_minus_first(tiny_suite):
-    from open_clip_medclip.eval.finetune import compare_starts
+    from open_clip_medclip.eval.finetune_table import compare_starts
 
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 2, 120)

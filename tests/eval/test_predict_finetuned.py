@@ -20,7 +20,8 @@ import open_clip_medclip as mc
 from open_clip_medclip import predict_cli
 from open_clip_medclip.cli import main as medclip_main
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.eval.finetune import CLASSIFIER_FILE, load_classifier
+from open_clip_medclip.eval.classifier import load_classifier
+from open_clip_medclip.eval.finetune import CLASSIFIER_FILE
 from open_clip_medclip.eval.suites.build import load_image
 from open_clip_medclip.heatmaps import HeatmapUnsupported
 from open_clip_medclip.zero_shot import activate
