@@ -279,6 +279,7 @@ def score_checkpoint(model_name: str, checkpoint: Path, suites: dict[str, Path],
     import torch
 
     from open_clip_medclip.eval.embed import embed_texts, logit_scale
+    from open_clip_medclip.eval.options import EvalOptions
     from open_clip_medclip.eval.prompts import chexzero_pairs
     from open_clip_medclip.eval.zeroshot import pair_probabilities, run_zeroshot
 
@@ -287,7 +288,7 @@ def score_checkpoint(model_name: str, checkpoint: Path, suites: dict[str, Path],
     tokenizer = open_clip.get_tokenizer(model_name)
     out: dict[str, np.ndarray] = {}
     for suite, folder in suites.items():
-        result = run_zeroshot(model, str(folder), tokenizer, preprocess, "cpu", num_resamples=0, progress=False)
+        result = run_zeroshot(model, str(folder), tokenizer, preprocess, "cpu", EvalOptions(bootstrap=0, progress=False))
         out[f"{suite}/scores"] = result.scores  # (n, 2) class logits
         out[f"{suite}/targets"] = result.targets
         out[f"{suite}/features"] = result.features

@@ -178,6 +178,20 @@ def _final_paths(paths: list[str], folder: Path) -> list[str]:
     return [str(folder / Path(p).name) for p in paths]
 
 
+def eval_options(args: argparse.Namespace):
+    """The flags as the one options object (`eval.options.EvalOptions`; a flag a subcommand lacks keeps its default)."""
+    from dataclasses import fields
+
+    from open_clip_medclip.eval.options import EvalOptions
+
+    given = {f.name: getattr(args, f.name) for f in fields(EvalOptions) if hasattr(args, f.name)}
+    if given.get("prompts_per_class", "default") is None:
+        given["prompts_per_class"] = "default"
+    if hasattr(args, "k"):
+        given["ks"] = args.k
+    return EvalOptions(**given, progress=not args.quiet)
+
+
 def _prepare(args: argparse.Namespace):
     """Suites first, then the device policy, then the model: cheap checks fail before the model loads."""
     suites = _open_suites(args)
@@ -195,12 +209,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     rows, failures = [], []
 
     def evaluate(suite):
-        return run_zeroshot(model, suite, tokenizer, preprocess, device, prompts=args.prompts,
-                            prompts_per_class=args.prompts_per_class if args.prompts_per_class is not None else "default",
-                            prompt_seed=args.prompt_seed, prompt_runs=args.prompt_runs, ensemble=args.ensemble,
-                            batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
-                            bootstrap_seed=args.seed, max_images=args.max_images, verify_hashes=args.verify_hashes,
-                            progress=not args.quiet)
+        return run_zeroshot(model, suite, tokenizer, preprocess, device, eval_options(args))
 
     for suite, result, stage in _each_suite(args, suites, evaluate, failures):
         folder = Path(args.out) / suite.name
@@ -226,11 +235,10 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     rows, failures = [], []
 
     def evaluate(suite):
-        return run_retrieval(model, suite, tokenizer, preprocess, device, texts_csv=args.texts, ks=args.k,
-                             batch_size=args.batch_size, num_workers=args.workers, num_resamples=args.bootstrap,
-                             bootstrap_seed=args.seed, max_images=args.max_images, progress=not args.quiet)
+        return run_retrieval(model, suite, tokenizer, preprocess, device, eval_options(args))
 
-    for suite, metrics, stage in _each_suite(args, suites, evaluate, failures):
+    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+        metrics = result.metrics
         metrics.update({"model": args.model, "pretrained": args.pretrained})
         _write_json(stage / "retrieval.json", metrics)
         rows.append((suite.name, metrics["image_to_text"]))
@@ -245,17 +253,15 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     rows, failures = [], []
 
     def evaluate(suite):
-        return run_linear_probe(model, suite, preprocess, device, train_fraction=args.train_fraction,
-                                seed=args.seed, batch_size=args.batch_size, num_workers=args.workers,
-                                num_resamples=args.bootstrap, progress=not args.quiet)
+        return run_linear_probe(model, suite, preprocess, device, eval_options(args))
 
-    for suite, (metrics, features, targets, logits), stage in _each_suite(args, suites, evaluate, failures):
-        folder = Path(args.out) / suite.name
+    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+        folder, metrics = Path(args.out) / suite.name, result.metrics
         metrics.update({"model": args.model, "pretrained": args.pretrained})
         if not args.no_plots:
             metrics["plots"] = _final_paths(
-                _plots(stage / "linear_probe", f"{suite.name} (probe)", features, targets, np.maximum(logits, -1e9),
-                       suite.classes, metrics["confusion_matrix"], False), folder)
+                _plots(stage / "linear_probe", f"{suite.name} (probe)", result.features, result.targets,
+                       np.maximum(result.scores, -1e9), suite.classes, metrics["confusion_matrix"], False), folder)
         _write_json(stage / "linear_probe.json", metrics)
         rows.append((suite.name, metrics))
     return _finish("linear_probe", rows, TABLE_COLUMNS, Path(args.out), failures)
@@ -263,13 +269,9 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from open_clip_medclip.demo import environment
-    from open_clip_medclip.eval.finetune import RUNS_FOLDER, FinetuneOptions, run_finetune
+    from open_clip_medclip.eval.finetune import RUNS_FOLDER, run_finetune
 
-    options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
-                              val_fraction=args.val_fraction, train_fraction=args.train_fraction, freeze=args.freeze,
-                              patience=args.patience, select=args.select, precision=args.precision,
-                              workers=args.workers, seed=args.seed, seeds=args.seeds, bootstrap=args.bootstrap)
+    options = eval_options(args)
     options.check()
     suites = _open_suites(args)
     device = resolve_device(args.device)
@@ -277,10 +279,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     def evaluate(suite):
         return run_finetune(suite, args.model, args.init, args.pretrained, options, device,
-                            Path(args.out) / suite.name / RUNS_FOLDER, progress=not args.quiet, restart=args.restart,
-                            max_test_images=args.max_images)
+                            Path(args.out) / suite.name / RUNS_FOLDER, restart=args.restart)
 
-    for suite, summary, stage in _each_suite(args, suites, evaluate, failures):
+    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+        summary = result.metrics
         summary["environment"] = {**environment(), "device": str(device)}
         if not args.no_plots:
             summary["plots"] = _final_paths(_finetune_plots(stage, suite, summary), Path(args.out) / suite.name)

@@ -30,7 +30,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,6 @@ from open_clip_medclip.eval.classifier import _file_digest, build_classifier, im
 from open_clip_medclip.eval.finetune_table import _spread, compare_starts, comparison_table
 from open_clip_medclip.eval.finetune_train import (
     PROGRESS_FILE,
-    FinetuneOptions,
     Splits,
     _autocast,
     _frozen_classifier,
@@ -52,6 +50,7 @@ from open_clip_medclip.eval.finetune_train import (
     train_classifier,
 )
 from open_clip_medclip.eval.metrics import classification_metrics, multilabel_auc
+from open_clip_medclip.eval.options import EvalOptions, EvalResult
 from open_clip_medclip.eval.suites.definitions import SuiteError
 from open_clip_medclip.eval.suites.load import Suite, SuiteEntry
 
@@ -61,9 +60,9 @@ RUNS_FOLDER = "finetune_runs"
 
 
 def run_key(suite: Suite, model_name: str, init: str, checkpoint: str | None, seed: int,
-            options: FinetuneOptions, test: Sequence[SuiteEntry] = ()) -> str:
+            options: EvalOptions, test: Sequence[SuiteEntry] = ()) -> str:
     """What a run's result (and its stored test logits) depends on; a saved run with another key is restarted."""
-    settings = {k: v for k, v in asdict(options).items() if k not in ("workers", "seeds", "bootstrap")}
+    settings = options.finetune_settings(result_only=True)
     payload = {"suite": suite.manifest_sha256, "model": model_name, "init": init, "seed": seed,
                "test": hashlib.sha256("\n".join(e.id for e in test).encode()).hexdigest(),
                "checkpoint": _file_digest(checkpoint) if init == "checkpoint" else None, **settings}
@@ -71,7 +70,7 @@ def run_key(suite: Suite, model_name: str, init: str, checkpoint: str | None, se
 
 
 def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint: str | None, seed: int,
-            options: FinetuneOptions, device: str | torch.device, run_dir: Path, *, progress: bool = True,
+            options: EvalOptions, device: str | torch.device, run_dir: Path, *, progress: bool = True,
             restart: bool = False, after_epoch: Callable[[int], None] | None = None) -> dict:
     """One start and seed: reuse a finished run with the same settings, resume an interrupted one, or train; then
     the test split, once. Returns the run record (also in `run_dir/run.json`)."""
@@ -113,7 +112,7 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
         "checkpoint": checkpoint, "checkpoint_sha256": _file_digest(checkpoint) if init == "checkpoint" else None,
         "num_train": len(splits.train), "num_val": len(splits.val), "select": training.get("select"),
         "selected_epoch": training.get("best_epoch"), "epochs_run": training.get("epochs_run"),
-        "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "seeds", "bootstrap")}})
+        "options": options.finetune_settings(result_only=True)})
     record = {"config_key": key, "init": init, "seed": seed, "model": model_name, "checkpoint": checkpoint,
               "num_train": len(splits.train), "num_val": len(splits.val), **training,
               "seconds": train_seconds, "test_kept": kept.tolist(), "test_failures": failures,
@@ -126,11 +125,12 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
 
 
 def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint: str | None,
-                 options: FinetuneOptions, device: str | torch.device, work_dir: Path, *, progress: bool = True,
-                 restart: bool = False, max_test_images: int | None = None,
-                 after_epoch: Callable[[int], None] | None = None) -> dict:
-    """Every start x seed (`options.seed` .. + seeds - 1) on identical splits; returns the summary (JSON-ready)."""
+                 options: EvalOptions, device: str | torch.device, work_dir: Path, *, restart: bool = False,
+                 after_epoch: Callable[[int], None] | None = None) -> EvalResult:
+    """Every start x seed (`options.seed` .. + seeds - 1) on identical splits, at most `options.max_images` test
+    images; the result's metrics are the summary (finetune.json), its targets the test targets."""
     options.check()
+    progress = options.progress
     inits = list(dict.fromkeys(inits))
     for init in inits:  # cheap refusals before any training
         reason = imagenet_unavailable(model_name) if init == "imagenet" else None
@@ -140,8 +140,8 @@ def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint
             raise UserError("--init checkpoint needs --pretrained CHECKPOINT (a MedCLIP / OpenCLIP checkpoint)")
     splits = split_suite(suite, 0.0 if options.freeze else options.val_fraction, 1.0 if options.freeze else
                          options.train_fraction, options.seed)
-    if max_test_images is not None:
-        splits.test = splits.test[:max_test_images]
+    if options.max_images is not None:
+        splits.test = splits.test[:options.max_images]
     suite.check_images(splits.train + splits.val + splits.test)
     seeds = list(range(options.seed, options.seed + options.seeds))
     runs: dict[str, list[dict]] = {}
@@ -160,7 +160,7 @@ def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint
     paired = compare_starts(suite, targets, logits, options.bootstrap, options.seed)
     summary: dict = {"suite": suite.name, "manifest_sha256": suite.manifest_sha256, "classes": suite.classes,
                      "multilabel": suite.multilabel, "model": model_name, "checkpoint": checkpoint,
-                     "options": asdict(options), "seeds": seeds, "device": str(device),
+                     "options": options.finetune_settings(), "seeds": seeds, "device": str(device),
                      "num_train": len(splits.train), "num_val": len(splits.val), "num_test": len(kept),
                      "test_failures": runs[inits[0]][0]["test_failures"], "test_targets": targets.tolist(),
                      "starts": {}}
@@ -183,4 +183,4 @@ def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint
             "selected_epochs": [p["selected_epoch"] if p["selected_epoch"] is not None else "CV" for p in per_seed],
             "runs": per_seed}
     summary["table"] = comparison_table(summary)
-    return summary
+    return EvalResult(metrics=summary, targets=targets)

@@ -7,7 +7,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from open_clip_medclip.checkpoints import atomic_save, unreadable_reason
-from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval.classifier import ImageClassifier
 from open_clip_medclip.eval.embed import _collate, _ImageFiles
 from open_clip_medclip.eval.linear_probe import fit_linear_probe, per_class_sample
-from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics, multilabel_auc
+from open_clip_medclip.eval.metrics import classification_metrics, multilabel_auc
+from open_clip_medclip.eval.options import EvalOptions
 from open_clip_medclip.eval.suites.definitions import SuiteError
 from open_clip_medclip.eval.suites.load import Suite, SuiteEntry
 
 PROGRESS_FILE = "progress.pt"
-SELECT_METRICS = ("accuracy", "macro_auc", "loss")
 
 
 @dataclass
@@ -93,39 +92,6 @@ def predict_logits(classifier: ImageClassifier, entries: Sequence[SuiteEntry], d
     return (np.concatenate(logits) if logits else np.zeros((0, width), np.float32)), np.array(kept, np.int64), failures
 
 
-@dataclass
-class FinetuneOptions:
-    """Budget and protocol; identical for every start and seed of one call."""
-
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    val_fraction: float = 0.2
-    train_fraction: float = 1.0
-    freeze: bool = False
-    patience: int | None = None
-    select: str | None = None  # default: accuracy (multi-class), macro_auc (multi-label)
-    precision: str = "amp"
-    workers: int = 0
-    seed: int = 0
-    seeds: int = 1
-    bootstrap: int = DEFAULT_BOOTSTRAP
-
-    def check(self) -> None:
-        if not 0 < self.train_fraction <= 1:
-            raise UserError(f"--train-fraction {self.train_fraction}: must be in (0, 1]")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
-        if self.epochs < 1 or self.batch_size < 2 or self.seeds < 1:
-            raise UserError("--epochs and --seeds must be at least 1, --batch-size at least 2")
-        if self.patience is not None and self.patience < 1:
-            raise UserError(f"--patience {self.patience}: must be at least 1")
-        if self.select is not None and self.select not in SELECT_METRICS:
-            raise UserError(f"--select {self.select}: choose from {', '.join(SELECT_METRICS)}")
-
-
 def _val_metrics(suite: Suite, logits: np.ndarray, targets: np.ndarray) -> dict:
     """Validation loss, accuracy (multi-class) and mean AUC: no bootstrap, selection only."""
     logits_t = torch.from_numpy(logits).double()
@@ -145,7 +111,7 @@ def _selection_key(metrics: dict, select: str) -> tuple[float, float]:
     return (value, -metrics["loss"])
 
 
-def _lr_at(step: int, total: int, options: FinetuneOptions) -> float:
+def _lr_at(step: int, total: int, options: EvalOptions) -> float:
     warmup = int(round(options.warmup_fraction * total))
     if step < warmup:
         return options.lr * (step + 1) / warmup
@@ -153,7 +119,7 @@ def _lr_at(step: int, total: int, options: FinetuneOptions) -> float:
     return options.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer(classifier: nn.Module, options: FinetuneOptions) -> torch.optim.Optimizer:
+def _optimizer(classifier: nn.Module, options: EvalOptions) -> torch.optim.Optimizer:
     decay = [p for p in classifier.parameters() if p.ndim >= 2]
     no_decay = [p for p in classifier.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
@@ -161,7 +127,7 @@ def _optimizer(classifier: nn.Module, options: FinetuneOptions) -> torch.optim.O
 
 
 def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[SuiteEntry],
-                     val: Sequence[SuiteEntry], options: FinetuneOptions, seed: int, device: str | torch.device,
+                     val: Sequence[SuiteEntry], options: EvalOptions, seed: int, device: str | torch.device,
                      run_dir: Path, config_key: str, progress: bool = True,
                      after_epoch: Callable[[int], None] | None = None) -> dict:
     """Train all weights on `train`, select the epoch on `val`; the classifier ends with the selected weights.
@@ -250,15 +216,14 @@ def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[
             "train_failures": [{"image": k, "error": v} for k, v in state["train_failures"].items()]}
 
 
-def _frozen_classifier(classifier: ImageClassifier, suite: Suite, options: FinetuneOptions, seed: int,
+def _frozen_classifier(classifier: ImageClassifier, suite: Suite, options: EvalOptions, seed: int,
                        device: str | torch.device, progress: bool) -> dict:
     """`--freeze`: the linear probe (`fit_linear_probe`, unchanged) turned into the classifier's head."""
     if suite.multilabel:
         raise SuiteError(f"{suite.source}: --freeze (the linear probe) needs a multiclass suite")
     classifier.to(device)
-    fit = fit_linear_probe(_EncodeImage(classifier.tower), suite, suite.split("train"), classifier.preprocess,
-                           device, train_fraction=options.train_fraction, seed=seed, batch_size=options.batch_size,
-                           num_workers=options.workers, progress=progress, autocast=_autocast(device, options.precision))
+    fit = fit_linear_probe(_EncodeImage(classifier.tower), suite, suite.split("train"), classifier.preprocess, device,
+                           replace(options, seed=seed, progress=progress, autocast=_autocast(device, options.precision)))
     coef, intercept = fit.classifier.coef_, fit.classifier.intercept_
     if coef.shape[0] == 1:  # binary: P(class 1) = sigmoid(w.x + b) = softmax([0, w.x + b])
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]

@@ -6,7 +6,6 @@ whose C is picked by stratified cross-validation; test metrics with bootstrap CI
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,11 +13,10 @@ import numpy as np
 import torch
 
 from open_clip_medclip.eval.embed import embed_images, evaluation_mode
-from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics
+from open_clip_medclip.eval.metrics import classification_metrics
+from open_clip_medclip.eval.options import EvalOptions, EvalResult
 from open_clip_medclip.eval.suites.definitions import SuiteError
 from open_clip_medclip.eval.suites.load import Suite, load_suite
-
-DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 
 
 def per_class_sample(labels: np.ndarray, fraction: float, seed: int, leave_one: bool = False) -> np.ndarray:
@@ -50,18 +48,18 @@ class ProbeFit:
 
 
 def fit_linear_probe(model: torch.nn.Module, suite: Suite, entries: Sequence, preprocess: Callable,
-                     device: str | torch.device = "cpu", *, train_fraction: float = 1.0,
-                     cs: Sequence[float] = DEFAULT_CS, seed: int = 0, batch_size: int = 32, num_workers: int = 0,
-                     progress: bool = True, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> ProbeFit:
+                     device: str | torch.device = "cpu", options: EvalOptions | None = None) -> ProbeFit:
     """Embed `entries` (the train split) with the frozen tower, take the seeded per-class `train_fraction` and fit a
-    logistic regression whose C is picked by stratified cross-validation. `eval finetune --freeze` shares this."""
+    logistic regression whose C (from `cs`) is picked by stratified cross-validation. `eval finetune --freeze` shares
+    this."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    o = options or EvalOptions()
+    train_fraction, cs, seed = o.train_fraction, o.cs, o.seed
     with evaluation_mode(model) as model:
         x_train, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
-                                               batch_size, num_workers, progress, autocast)
+                                               o.batch_size, o.workers, o.progress, o.autocast)
     y_train = suite.label_index([entries[i] for i in kept])
     if train_fraction < 1.0:
         rows = per_class_sample(y_train, train_fraction, seed)
@@ -82,11 +80,10 @@ def fit_linear_probe(model: torch.nn.Module, suite: Suite, entries: Sequence, pr
 
 
 def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Callable,
-                     device: str | torch.device = "cpu", *, train_fraction: float = 1.0, cs: Sequence[float] = DEFAULT_CS,
-                     seed: int = 0, batch_size: int = 32, num_workers: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP,
-                     progress: bool = True, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """Fit on train embeddings, score test; returns (metrics, test features, test targets, test logits)."""
+                     device: str | torch.device = "cpu", options: EvalOptions | None = None) -> EvalResult:
+    """Fit on train embeddings, score test (all of it: `max_images` is not read); the result's scores are the test
+    logits."""
+    o = options or EvalOptions()
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     if suite.multilabel:
         raise SuiteError(f"{suite.source}: the linear probe needs a multiclass suite")
@@ -94,21 +91,20 @@ def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Cal
     if not train_entries:
         raise SuiteError(f"{suite.source}: the suite has no train split; rebuild it or add split=train rows")
     suite.check_images(train_entries + test_entries)
-    fit = fit_linear_probe(model, suite, train_entries, preprocess, device, train_fraction=train_fraction, cs=cs,
-                           seed=seed, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                           autocast=autocast)
+    fit = fit_linear_probe(model, suite, train_entries, preprocess, device, o)
     with evaluation_mode(model) as model:
         x_test, kept, test_failures = embed_images(model, preprocess, [e.image_path for e in test_entries], device,
-                                                   batch_size, num_workers, progress, autocast)
+                                                   o.batch_size, o.workers, o.progress, o.autocast)
     y_test = suite.label_index([test_entries[i] for i in kept])
     classifier, best_c, folds, train_failures = fit.classifier, fit.best_c, fit.folds, fit.failures
     logits = np.full((len(x_test), len(suite.classes)), -np.inf)
     logits[:, classifier.classes_] = classifier.predict_log_proba(x_test)
-    metrics = classification_metrics(y_test, np.maximum(logits, -1e9), suite.classes, num_resamples, seed)
+    metrics = classification_metrics(y_test, np.maximum(logits, -1e9), suite.classes, o.bootstrap, o.seed)
     metrics.update({"suite": suite.name, "classes": suite.classes, "manifest_sha256": suite.manifest_sha256,
-                    "probe": {"model": "LogisticRegression", "C": best_c, "cv_folds": folds, "train_fraction": train_fraction,
-                              "num_train": fit.num_train, "seed": seed},
+                    "probe": {"model": "LogisticRegression", "C": best_c, "cv_folds": folds, "train_fraction": o.train_fraction,
+                              "num_train": fit.num_train, "seed": o.seed},
                     "num_images": len(test_entries),
                     "num_excluded_corrupt": len(train_failures) + len(test_failures),
                     "excluded_corrupt": train_failures + test_failures})
-    return metrics, x_test, y_test, logits
+    return EvalResult(metrics=metrics, features=x_test, targets=y_test, scores=logits,
+                      entries=[test_entries[i] for i in kept])

@@ -6,15 +6,15 @@ user CSV `text,label`. A retrieved text is relevant when its class equals the im
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode
-from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, retrieval_metrics
+from open_clip_medclip.eval.metrics import retrieval_metrics
+from open_clip_medclip.eval.options import EvalOptions, EvalResult
 from open_clip_medclip.eval.suites.definitions import SuiteError, suite_prompts
 from open_clip_medclip.eval.suites.load import Suite, load_suite
 from open_clip_medclip.sources.records import read_csv
@@ -43,29 +43,29 @@ def text_pool(suite: Suite, texts_csv: str | Path | None = None) -> tuple[list[s
 
 
 def run_retrieval(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable, preprocess: Callable,
-                  device: str | torch.device = "cpu", *, texts_csv: str | Path | None = None,
-                  ks: Sequence[int] = RETRIEVAL_KS, batch_size: int = 32, num_workers: int = 0,
-                  num_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0, max_images: int | None = None,
-                  progress: bool = True, autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict:
-    """Image->text and text->image class-based retrieval metrics (P@k, R@k, hit@k with bootstrap CIs)."""
+                  device: str | torch.device = "cpu", options: EvalOptions | None = None) -> EvalResult:
+    """Image->text and text->image class-based retrieval metrics (P@k, R@k, hit@k with bootstrap CIs); the result's
+    scores are the image-text similarities."""
+    o = options or EvalOptions()
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     if suite.multilabel:
         raise SuiteError(f"{suite.source}: retrieval needs one class per image (multiclass suite)")
-    entries = suite.split("test")[:max_images] if max_images else suite.split("test")
+    entries = suite.split("test")[:o.max_images] if o.max_images else suite.split("test")
     suite.check_images(entries)
-    texts, text_labels = text_pool(suite, texts_csv)
+    texts, text_labels = text_pool(suite, o.texts)
     with evaluation_mode(model) as model:
         features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
-                                                batch_size, num_workers, progress, autocast)
-        text_features = embed_texts(model, tokenizer, texts, device, autocast=autocast)
+                                                o.batch_size, o.workers, o.progress, o.autocast)
+        text_features = embed_texts(model, tokenizer, texts, device, autocast=o.autocast)
     labels = suite.label_index([entries[i] for i in kept])
     similarity = features @ text_features.T
-    return {
+    ks, num_resamples, seed = o.ks, o.bootstrap, o.seed
+    return EvalResult(metrics={
         "suite": suite.name, "classes": suite.classes, "manifest_sha256": suite.manifest_sha256,
-        "text_pool": {"source": str(texts_csv) if texts_csv else "suite prompts (all, deduplicated)",
+        "text_pool": {"source": str(o.texts) if o.texts else "suite prompts (all, deduplicated)",
                       "num_texts": len(texts), "per_class": {c: int(np.sum(np.array(text_labels) == i))
                                                               for i, c in enumerate(suite.classes)}},
-        "image_to_text": retrieval_metrics(similarity, labels, text_labels, ks, num_resamples, bootstrap_seed),
-        "text_to_image": retrieval_metrics(similarity.T, text_labels, labels, ks, num_resamples, bootstrap_seed),
+        "image_to_text": retrieval_metrics(similarity, labels, text_labels, ks, num_resamples, seed),
+        "text_to_image": retrieval_metrics(similarity.T, text_labels, labels, ks, num_resamples, seed),
         "num_images": len(entries), "num_excluded_corrupt": len(failures), "excluded_corrupt": failures,
-    }
+    }, features=features, targets=labels, scores=similarity, entries=[entries[i] for i in kept])

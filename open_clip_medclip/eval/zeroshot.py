@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode, logit_scale
-from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, classification_metrics, multilabel_auc
+from open_clip_medclip.eval.metrics import classification_metrics, multilabel_auc
+from open_clip_medclip.eval.options import EvalOptions, EvalResult
 from open_clip_medclip.eval.prompts import chexzero_pairs, load_prompt_set, prompts_hash, sample_prompts, select_classes
 from open_clip_medclip.eval.suites.definitions import suite_prompts
-from open_clip_medclip.eval.suites.load import Suite, SuiteEntry, load_suite
+from open_clip_medclip.eval.suites.load import Suite, load_suite
 
 ENSEMBLES = ("logit", "embed", "max")
 LINEAR_ENSEMBLES = ("logit", "embed")
@@ -93,17 +93,6 @@ def auroc_summary(targets: np.ndarray, logits: np.ndarray, classes: Sequence[str
     return out
 
 
-@dataclass
-class ZeroShotResult:
-    """Metrics (JSON-able) plus what plots need: embeddings, targets and scores of the images kept."""
-
-    metrics: dict
-    features: np.ndarray
-    targets: np.ndarray
-    scores: np.ndarray
-    entries: list[SuiteEntry] = field(default_factory=list)
-
-
 def _resolve_prompts(suite: Suite, prompts: str | Mapping | None, per_class, seed: int) -> dict[str, list[str]]:
     if isinstance(prompts, Mapping):
         return select_classes(prompts, suite.classes, where="prompts")
@@ -123,57 +112,61 @@ def suite_class_prompts(suite: Suite) -> tuple[dict[str, list[str]], str]:
             suite.definition.get("ensemble", "logit"))
 
 
+def pair_scores(model: torch.nn.Module, tokenizer: Callable, image_features: np.ndarray, classes: Sequence[str],
+                scale: float, device: str | torch.device = "cpu",
+                autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> np.ndarray:
+    """(n, C) multi-label scores of normalised image features: each class's CheXzero prompt pair embedded by
+    `model` (in its current mode), then `pair_probabilities`."""
+    pairs = chexzero_pairs(classes)
+    pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device, autocast=autocast)
+    neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device, autocast=autocast)
+    return pair_probabilities(image_features, pos, neg, scale)
+
+
 def run_zeroshot(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable, preprocess: Callable,
-                 device: str | torch.device = "cpu", *, prompts: str | Mapping | None = None,
-                 prompts_per_class: int | None | str = "default", prompt_seed: int | None = None,
-                 prompt_runs: int | None = None, ensemble: str | None = None, batch_size: int = 32,
-                 num_workers: int = 0, num_resamples: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = 0,
-                 max_images: int | None = None, verify_hashes: bool = False, progress: bool = True,
-                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> ZeroShotResult:
+                 device: str | torch.device = "cpu", options: EvalOptions | None = None) -> EvalResult:
     """Zero-shot metrics of `model` on the suite's test split (bootstrap CIs on the first prompt draw)."""
+    o = options or EvalOptions()
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     spec = suite.definition.get("prompts") or {}
-    ensemble = ensemble or suite.definition.get("ensemble", "logit")
-    seed = int(spec.get("seed", 42) if prompt_seed is None else prompt_seed)
-    runs = int(prompt_runs or spec.get("runs", 1) or 1)
+    ensemble = o.ensemble or suite.definition.get("ensemble", "logit")
+    seed = int(spec.get("seed", 42) if o.prompt_seed is None else o.prompt_seed)
+    runs = int(o.prompt_runs or spec.get("runs", 1) or 1)
     entries = suite.split("test")
-    if max_images is not None:
-        entries = entries[:max_images]
+    if o.max_images is not None:
+        entries = entries[:o.max_images]
     if not entries:
         raise ValueError(f"{suite.source}: the suite has no test images")
-    suite.check_images(entries, verify_hashes=verify_hashes)
+    suite.check_images(entries, verify_hashes=o.verify_hashes)
     with evaluation_mode(model) as model:
         features, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
-                                                batch_size, num_workers, progress, autocast)
+                                                o.batch_size, o.workers, o.progress, o.autocast)
         scale = logit_scale(model)
         if len(kept) == 0:
             raise ValueError(f"{suite.source}: none of the {len(entries)} test images could be decoded")
         kept_entries = [entries[i] for i in kept]
         targets = suite.label_index(kept_entries)
         if suite.multilabel:
-            pairs = chexzero_pairs(suite.classes)
-            pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], device, autocast=autocast)
-            neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], device, autocast=autocast)
-            scores = pair_probabilities(features, pos, neg, scale)
-            metrics = multilabel_auc(targets, scores, suite.classes, num_resamples, bootstrap_seed)
-            prompt_record: dict = {"pairs": {k: list(v) for k, v in pairs.items()}}
+            scores = pair_scores(model, tokenizer, features, suite.classes, scale, device, o.autocast)
+            metrics = multilabel_auc(targets, scores, suite.classes, o.bootstrap, o.seed)
+            prompt_record: dict = {"pairs": {k: list(v) for k, v in chexzero_pairs(suite.classes).items()}}
             run_values: list[dict] = []
         else:
-            draws = [_resolve_prompts(suite, prompts, prompts_per_class, seed + r) for r in range(runs)]
+            draws = [_resolve_prompts(suite, o.prompts, o.prompts_per_class, seed + r) for r in range(runs)]
             unique = sorted({t for draw in draws for texts in draw.values() for t in texts})
-            text_features = embed_texts(model, tokenizer, unique, device, autocast=autocast)
+            text_features = embed_texts(model, tokenizer, unique, device, autocast=o.autocast)
             row = {t: i for i, t in enumerate(unique)}
             run_values, scores, metrics = [], None, {}
             for r, draw in enumerate(draws):
                 per_class = [text_features[[row[t] for t in draw[c]]] for c in suite.classes]
                 run_scores = class_scores(features, per_class, ensemble, scale)
                 run_metrics = classification_metrics(targets, run_scores, suite.classes,
-                                                     num_resamples if r == 0 else 0, bootstrap_seed)
+                                                     o.bootstrap if r == 0 else 0, o.seed)
                 if r == 0:
                     scores, metrics = run_scores, run_metrics
                 run_values.append({k: run_metrics[k]["value"] for k in SUMMARY_KEYS if k in run_metrics})
             prompt_record = {"per_class": draws[0], "sha256": prompts_hash(draws[0]), "seed": seed, "runs": runs,
-                             "set": prompts if isinstance(prompts, str) else spec.get("set")}
+                             "set": o.prompts if isinstance(o.prompts, str) else spec.get("set")}
     metrics.update({
         "suite": suite.name, "task": suite.task, "classes": suite.classes, "ensemble": ensemble,
         "logit_scale": scale, "manifest_sha256": suite.manifest_sha256, "prompts": prompt_record,
@@ -184,7 +177,7 @@ def run_zeroshot(model: torch.nn.Module, suite: Suite | str, tokenizer: Callable
                                       "std": float(np.std([v[k] for v in run_values if v.get(k) is not None])),
                                       "values": [v.get(k) for v in run_values]}
                                   for k in run_values[0] if run_values[0][k] is not None}
-    return ZeroShotResult(metrics=metrics, features=features, targets=targets, scores=scores, entries=kept_entries)
+    return EvalResult(metrics=metrics, features=features, targets=targets, scores=scores, entries=kept_entries)
 
 
 def flatten_metrics(metrics: Mapping, prefix: str) -> dict[str, float]:
@@ -212,7 +205,7 @@ def zero_shot_metrics(model: torch.nn.Module, suite_or_dir: Suite | str, tokeniz
     Call on the master rank only; cheap by default (no bootstrap, one prompt draw).
     """
     suite = suite_or_dir if isinstance(suite_or_dir, Suite) else load_suite(suite_or_dir)
-    result = run_zeroshot(model, suite, tokenizer, preprocess, device, prompt_runs=1, ensemble=ensemble,
-                          batch_size=batch_size, num_workers=num_workers, num_resamples=num_resamples,
-                          progress=progress, autocast=autocast)
+    options = EvalOptions(prompt_runs=1, ensemble=ensemble, batch_size=batch_size, workers=num_workers,
+                          bootstrap=num_resamples, progress=progress, autocast=autocast)
+    result = run_zeroshot(model, suite, tokenizer, preprocess, device, options)
     return flatten_metrics(result.metrics, prefix or f"{suite.name}-zeroshot")

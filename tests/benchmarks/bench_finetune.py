@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from open_clip_medclip.demo import default_model
     from open_clip_medclip.eval.classifier import build_classifier
-    from open_clip_medclip.eval.finetune_train import FinetuneOptions, train_classifier
+    from open_clip_medclip.eval.finetune_train import train_classifier
+    from open_clip_medclip.eval.options import EvalOptions
     from open_clip_medclip.eval.suites.build import build_suite
     from open_clip_medclip.eval.suites.load import load_suite
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = load_suite(work / "suite")
     train = suite.split("train")
     labels = suite.label_index(train)
-    options = FinetuneOptions(epochs=1, batch_size=args.batch_size, val_fraction=0.0)
+    options = EvalOptions(epochs=1, batch_size=args.batch_size, val_fraction=0.0)
     finetuned = build_classifier(model_name, init, suite.classes, seed=0)
     bare = build_classifier(model_name, init, suite.classes, seed=0)
     bare_optimizer = torch.optim.AdamW(bare.parameters(), lr=options.lr, weight_decay=options.weight_decay)

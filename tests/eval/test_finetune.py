@@ -15,8 +15,9 @@ from PIL import Image
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval.classifier import build_classifier, load_classifier
 from open_clip_medclip.eval.finetune import CLASSIFIER_FILE, RUN_FILE, run_finetune
-from open_clip_medclip.eval.finetune_train import PROGRESS_FILE, FinetuneOptions, predict_logits, split_suite
+from open_clip_medclip.eval.finetune_train import PROGRESS_FILE, predict_logits, split_suite
 from open_clip_medclip.eval.linear_probe import per_class_sample, run_linear_probe
+from open_clip_medclip.eval.options import EvalOptions
 from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.sources import SAMPLE_DATA_DIR
 
@@ -112,13 +113,11 @@ def _selection(summary: dict) -> list:
 
 
 def test_poisoned_test_images_change_nothing_before_the_final_evaluation(tiny_suite, tmp_path):
-    options = FinetuneOptions(**{**QUICK, "epochs": 3})
-    clean = run_finetune(load_suite(tiny_suite), TINY, ["random"], None, options, "cpu", tmp_path / "clean",
-                         progress=False)
+    options = EvalOptions(**{**QUICK, "epochs": 3})
+    clean = run_finetune(load_suite(tiny_suite), TINY, ["random"], None, options, "cpu", tmp_path / "clean").metrics
     poisoned_dir = _copy_suite(tiny_suite, tmp_path / "poisoned-suite")
     assert _poison_test_images(poisoned_dir) == 12
-    poisoned = run_finetune(load_suite(poisoned_dir), TINY, ["random"], None, options, "cpu", tmp_path / "poisoned",
-                            progress=False)
+    poisoned = run_finetune(load_suite(poisoned_dir), TINY, ["random"], None, options, "cpu", tmp_path / "poisoned").metrics
     assert _selection(poisoned) == _selection(clean)
     assert all(v is not None for v in _selection(clean)[0][2])  # validation was scored every epoch
     clean_logits = clean["starts"]["random"]["runs"][0]["test_logits"]
@@ -130,11 +129,11 @@ def test_poisoned_test_images_change_nothing_before_the_final_evaluation(tiny_su
 # ----------------------------------------------------------------------------------------------------------------
 def test_freeze_equals_the_linear_probe(tiny_suite, tiny_model, tiny_checkpoint, tmp_path):
     model, preprocess, _ = tiny_model
-    probe, _, targets, probe_logits = run_linear_probe(model, load_suite(tiny_suite), preprocess, num_resamples=50,
-                                                       progress=False)
-    options = FinetuneOptions(freeze=True, bootstrap=50, batch_size=32)
+    result = run_linear_probe(model, load_suite(tiny_suite), preprocess, options=EvalOptions(bootstrap=50, progress=False))
+    probe, targets, probe_logits = result.metrics, result.targets, result.scores
+    options = EvalOptions(freeze=True, bootstrap=50, batch_size=32, progress=False)
     summary = run_finetune(load_suite(tiny_suite), TINY, ["checkpoint"], str(tiny_checkpoint), options, "cpu",
-                           tmp_path, progress=False)
+                           tmp_path).metrics
     run = summary["starts"]["checkpoint"]["runs"][0]
     assert run["probe"]["C"] == probe["probe"]["C"] and run["probe"]["num_train"] == probe["probe"]["num_train"]
     assert summary["test_targets"] == targets.tolist()
@@ -153,7 +152,7 @@ def test_freeze_equals_the_linear_probe(tiny_suite, tiny_model, tiny_checkpoint,
 # ----------------------------------------------------------------------------------------------------------------
 def test_saved_classifier_reloads_and_reproduces_its_test_predictions(tiny_suite, tmp_path):
     suite = load_suite(tiny_suite)
-    summary = run_finetune(suite, TINY, ["random"], None, FinetuneOptions(**QUICK), "cpu", tmp_path, progress=False)
+    summary = run_finetune(suite, TINY, ["random"], None, EvalOptions(**QUICK), "cpu", tmp_path).metrics
     run = summary["starts"]["random"]["runs"][0]
     classifier = load_classifier(run["classifier"])
     assert classifier.class_names == suite.classes and classifier.activation == "softmax"
@@ -181,8 +180,8 @@ def test_saved_classifier_reloads_and_reproduces_its_test_predictions(tiny_suite
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_suite, tmp_path):
     suite = load_suite(tiny_suite)
-    options = FinetuneOptions(**{**QUICK, "epochs": 3})
-    whole = run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "whole", progress=False)
+    options = EvalOptions(**{**QUICK, "epochs": 3})
+    whole = run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "whole").metrics
 
     class Killed(Exception):
         pass
@@ -192,13 +191,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_suite, tmp_pat
             raise Killed
 
     with pytest.raises(Killed):
-        run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "cut", progress=False,
+        run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "cut",
                      after_epoch=kill_after_second_epoch)
     run_dir = tmp_path / "cut" / "random-seed0"
     assert (run_dir / PROGRESS_FILE).is_file()
     assert not (run_dir / RUN_FILE).exists() and not (run_dir / CLASSIFIER_FILE).exists()  # no half result
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary left behind
-    resumed = run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "cut", progress=False)
+    resumed = run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "cut").metrics
     for key in ("test_logits", "history", "selected_epoch"):
         a, b = whole["starts"]["random"]["runs"][0][key], resumed["starts"]["random"]["runs"][0][key]
         if key == "history":  # timings differ
@@ -209,10 +208,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_suite, tmp_pat
     # finished runs are reused; other settings restart them
     record = json.loads((run_dir / RUN_FILE).read_text())
     mtime = (run_dir / CLASSIFIER_FILE).stat().st_mtime_ns
-    run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "cut", progress=False)
+    run_finetune(suite, TINY, ["random"], None, options, "cpu", tmp_path / "cut")
     assert (run_dir / CLASSIFIER_FILE).stat().st_mtime_ns == mtime
-    other = run_finetune(suite, TINY, ["random"], None, FinetuneOptions(**{**QUICK, "epochs": 1}), "cpu",
-                         tmp_path / "cut", progress=False)
+    other = run_finetune(suite, TINY, ["random"], None, EvalOptions(**{**QUICK, "epochs": 1}), "cpu",
+                         tmp_path / "cut").metrics
     assert json.loads((run_dir / RUN_FILE).read_text())["config_key"] != record["config_key"]
     assert len(other["starts"]["random"]["runs"][0]["history"]) == 1
 
@@ -239,8 +238,8 @@ def _multilabel_csv(tmp_path: Path) -> Path:
 def test_multilabel_suite_trains_with_sigmoid_and_reports_per_finding_auc(tmp_path):
     suite = load_suite(_multilabel_csv(tmp_path))
     assert suite.multilabel
-    summary = run_finetune(suite, TINY, ["random"], None, FinetuneOptions(**{**QUICK, "epochs": 1}), "cpu",
-                           tmp_path / "runs", progress=False)
+    summary = run_finetune(suite, TINY, ["random"], None, EvalOptions(**{**QUICK, "epochs": 1}), "cpu",
+                           tmp_path / "runs").metrics
     run = summary["starts"]["random"]["runs"][0]
     assert set(run["metrics"]["per_class"]) == set(suite.classes)
     assert "macro_auc" in summary["starts"]["random"]["paired"]
@@ -248,8 +247,7 @@ def test_multilabel_suite_trains_with_sigmoid_and_reports_per_finding_auc(tmp_pa
     assert load_classifier(run["classifier"]).activation == "sigmoid"
     assert "mean AUC" in summary["table"]
     with pytest.raises(Exception, match="multiclass"):
-        run_finetune(suite, TINY, ["random"], None, FinetuneOptions(freeze=True), "cpu", tmp_path / "f",
-                     progress=False)
+        run_finetune(suite, TINY, ["random"], None, EvalOptions(freeze=True, progress=False), "cpu", tmp_path / "f")
 
 
 def test_paired_differences_are_start_minus_first(tiny_suite):

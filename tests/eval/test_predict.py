@@ -25,6 +25,7 @@ import open_clip_medclip as mc
 from open_clip_medclip import predict_cli
 from open_clip_medclip.eval.embed import embed_images, embed_texts
 from open_clip_medclip.eval.metrics import softmax
+from open_clip_medclip.eval.options import EvalOptions
 from open_clip_medclip.eval.suites.build import load_image
 from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.eval.zeroshot import auroc_summary, classification_metrics, pair_probabilities, run_zeroshot
@@ -156,8 +157,8 @@ def test_heatmaps_refuse_towers_where_pooling_and_projection_do_not_commute(tiny
 def test_one_scoring_path_eval_api_and_cli(tiny_model, tiny_suite, tiny_checkpoint, tmp_path):
     model, preprocess, tokenizer = tiny_model
     suite = load_suite(tiny_suite)
-    zs = run_zeroshot(model, suite, tokenizer, preprocess, prompts=PROMPTS, ensemble="logit", num_resamples=0,
-                      progress=False, batch_size=8)
+    zs = run_zeroshot(model, suite, tokenizer, preprocess,
+                      options=EvalOptions(prompts=PROMPTS, ensemble="logit", bootstrap=0, progress=False, batch_size=8))
     paths = [e.image_path for e in zs.entries]
     api = mc.predict(model, paths, mc.ZeroShotClassifier.from_prompts(model, tokenizer, PROMPTS), preprocess=preprocess,
                      batch_size=8)

@@ -10,6 +10,7 @@ import pytest
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.eval import cli
 from open_clip_medclip.eval.linear_probe import run_linear_probe
+from open_clip_medclip.eval.options import EvalOptions
 from open_clip_medclip.eval.retrieval import run_retrieval, text_pool
 from open_clip_medclip.eval.suites.load import load_suite
 from open_clip_medclip.eval.zeroshot import class_scores, pair_probabilities, run_zeroshot, zero_shot_metrics
@@ -38,7 +39,7 @@ def test_ensembles_follow_their_definitions():
 
 def test_run_zeroshot_on_tiny_suite(tiny_suite, tiny_model):
     model, preprocess, tokenizer = tiny_model
-    result = run_zeroshot(model, tiny_suite, tokenizer, preprocess, num_resamples=50, prompt_runs=2, progress=False)
+    result = run_zeroshot(model, tiny_suite, tokenizer, preprocess, options=EvalOptions(bootstrap=50, prompt_runs=2, progress=False))
     m = result.metrics
     assert m["num_samples"] == 12 and m["num_excluded_corrupt"] == 0
     assert set(m["prompts"]["per_class"]) == {"No Finding", "Pneumonia"}
@@ -54,7 +55,7 @@ def test_corrupt_image_at_eval_is_reported_excluded_and_counted(tiny_suite, tiny
     shutil.copytree(tiny_suite, copy)
     victim = sorted((copy / "images").iterdir())[0]
     victim.write_bytes(b"\xff\xd8 truncated")
-    result = run_zeroshot(model, copy, tokenizer, preprocess, num_resamples=0, progress=False)
+    result = run_zeroshot(model, copy, tokenizer, preprocess, options=EvalOptions(bootstrap=0, progress=False))
     assert result.metrics["num_excluded_corrupt"] == 1
     assert result.metrics["num_samples"] == 11
     assert victim.name in result.metrics["excluded_corrupt"][0]["image"]
@@ -75,7 +76,7 @@ def test_multilabel_csv_suite_uses_pair_prompts(tiny_suite, tiny_model, tmp_path
     rows = [line.split(",") for line in (tiny_suite / "manifest.csv").read_text().splitlines()[1:]]
     lines = ["image,labels"] + [f"{tiny_suite / r[3]},{'Pneumonia|Edema' if i % 2 else 'Edema'}" for i, r in enumerate(rows)]
     (tmp_path / "ml.csv").write_text("\n".join(lines) + "\n")
-    result = run_zeroshot(model, tmp_path / "ml.csv", tokenizer, preprocess, num_resamples=20, progress=False)
+    result = run_zeroshot(model, tmp_path / "ml.csv", tokenizer, preprocess, options=EvalOptions(bootstrap=20, progress=False))
     assert result.metrics["task"] == "multilabel"
     assert result.metrics["per_class"]["Pneumonia"]["auc"]["value"] is not None
     assert result.metrics["prompts"]["pairs"]["Edema"] == ["edema", "no edema"]
@@ -86,10 +87,11 @@ def test_retrieval_and_linear_probe(tiny_suite, tiny_model):
     suite = load_suite(tiny_suite)
     texts, labels = text_pool(suite)
     assert len(texts) == len(set(texts)) and set(labels) == {0, 1}
-    out = run_retrieval(model, suite, tokenizer, preprocess, num_resamples=20, progress=False)
+    out = run_retrieval(model, suite, tokenizer, preprocess, options=EvalOptions(bootstrap=20, progress=False)).metrics
     assert 0 <= out["image_to_text"]["precision@5"]["value"] <= 1
     assert "recall@10" in out["text_to_image"]
-    metrics, features, targets, logits = run_linear_probe(model, suite, preprocess, num_resamples=20, progress=False)
+    probe = run_linear_probe(model, suite, preprocess, options=EvalOptions(bootstrap=20, progress=False))
+    metrics, logits = probe.metrics, probe.scores
     assert metrics["probe"]["num_train"] == 12 and logits.shape == (12, 2)
 
 
