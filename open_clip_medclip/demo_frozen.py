@@ -10,7 +10,7 @@ Steps (after the shared labels, shards and suites):
             different one was chosen) and InfoNCE on identical batches; per epoch, the mean training loss and the
             held-out AUCs are recorded (learning curves); each run is saved as an ordinary OpenCLIP checkpoint;
   score   - held-out scores from the cached trunk features and the trained heads, checked against the full model's
-            zero-shot path (`demo.score_checkpoint`) on the seed-0 checkpoints.
+            zero-shot path (`demo_results.score_checkpoint`) on the seed-0 checkpoints.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from open_clip_medclip import frozen
-from open_clip_medclip.demo import (
+from open_clip_medclip.demo_results import (
     BINARY_SUITES,
     MULTILABEL_SUITE,
     _positive_margin,
@@ -108,7 +108,7 @@ def setup(out: Path, data: dict, model_name: str, args) -> FrozenSetup:
 
 
 def scores_from_cache(model, tasks: dict) -> dict[str, np.ndarray]:
-    """Held-out scores in `demo.score_checkpoint`'s layout, from cached trunk features and the model's heads."""
+    """Held-out scores in `demo_results.score_checkpoint`'s layout, from cached trunk features and the heads."""
     image_head, _ = frozen.heads(model)
     out = {}
     for name, task in tasks.items():

@@ -268,7 +268,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from open_clip_medclip.demo import environment
+    from open_clip_medclip.demo_results import environment
     from open_clip_medclip.eval.finetune import RUNS_FOLDER, run_finetune
 
     options = eval_options(args)
@@ -299,8 +299,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune_plots(stage: Path, suite, summary: dict) -> list[str]:
     """ROC and confusion matrix of each start's first seed."""
-    import numpy as np
-
     written = []
     for start, row in summary["starts"].items():
         first = row["runs"][0]

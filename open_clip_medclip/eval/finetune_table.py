@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from open_clip_medclip.eval.metrics import softmax
+from open_clip_medclip.eval.metrics import format_ci, softmax
 from open_clip_medclip.eval.suites.load import Suite
 
 
@@ -47,16 +47,6 @@ def compare_starts(suite: Suite, targets: np.ndarray, logits: dict[str, np.ndarr
     return out
 
 
-def _fmt(entry: dict | None, signed: bool = False) -> str:
-    if not entry or entry.get("value") is None:
-        return "n/a"
-    form = "{:+.3f}" if signed else "{:.3f}"
-    low, high = entry["ci95"]
-    if low is None:
-        return form.format(entry["value"])
-    return f"{form.format(entry['value'])} [{form.format(low)}, {form.format(high)}]"
-
-
 def comparison_table(summary: dict) -> str:
     """Rows = starts, columns = the metrics (mean over seeds [95% CI]) and the paired differences to the first."""
     starts = list(summary["starts"])
@@ -73,8 +63,8 @@ def comparison_table(summary: dict) -> str:
         row = summary["starts"][start]
         cells = [start]
         for metric in metrics:
-            cells += [_fmt(row["paired"][metric]),
-                      "—" if start == first else _fmt(row["paired"][f"{metric}_difference"], signed=True)]
+            cells += [format_ci(row["paired"][metric]),
+                      "—" if start == first else format_ci(row["paired"][f"{metric}_difference"], signed=True)]
         if not summary["multilabel"]:
             f1 = row["spread"]["macro_f1"]
             cells.append("n/a" if f1["mean"] is None else f"{f1['mean']:.3f} ± {f1['std']:.3f}")

@@ -213,13 +213,15 @@ def retrieval_metrics(similarity: np.ndarray, query_labels: Sequence[int], candi
     return out
 
 
-def _fmt(entry: dict | None) -> str:
+def format_ci(entry: dict | None, signed: bool = False) -> str:
+    """A metric entry as "value [low, high]" (3 decimals; `signed`: with its sign), "n/a" without a value."""
     if not entry or entry.get("value") is None:
         return "n/a"
+    form = "{:+.3f}" if signed else "{:.3f}"
     low, high = entry["ci95"]
     if low is None:
-        return f"{entry['value']:.3f}"
-    return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
+        return form.format(entry["value"])
+    return f"{form.format(entry['value'])} [{form.format(low)}, {form.format(high)}]"
 
 
 def markdown_table(rows: Sequence[tuple[str, dict]], columns: Sequence[str]) -> str:
@@ -228,5 +230,5 @@ def markdown_table(rows: Sequence[tuple[str, dict]], columns: Sequence[str]) -> 
     rule = "|---|" + "---|" * len(columns)
     lines = [header, rule]
     for label, metrics in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(col)) for col in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(format_ci(metrics.get(col)) for col in columns) + " |")
     return "\n".join(lines)

@@ -63,8 +63,10 @@ def sample_key(source: str, record_id: str, kind: str) -> str:
     return key
 
 
-def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
+def shard_name(prefix: str, index: int, last: int | None = None) -> str:
+    """`<prefix>-000003.tar`; with `last`, the brace pattern of shards index..last: `<prefix>-{000000..000009}.tar`."""
+    number = f"{index:06d}" if last is None else f"{{{index:06d}..{last:06d}}}"
+    return f"{prefix}-{number}.tar"
 
 
 @dataclass

@@ -11,8 +11,9 @@ import open_clip
 import pytest
 
 import open_clip_medclip  # noqa: F401
-from open_clip_medclip.demo import RESULTS_FILE, comparison_table
+from open_clip_medclip.demo import RESULTS_FILE
 from open_clip_medclip.demo import main as demo_main
+from open_clip_medclip.demo_results import comparison_table
 
 TINY = ["--model", "medclip-tiny", "--full-towers", "--seeds", "2", "--epochs", "1", "--samples-per-epoch", "32",
         "--batch-size", "16", "--bootstrap", "30"]

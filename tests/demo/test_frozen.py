@@ -150,8 +150,9 @@ TINY = ["--model", MODEL, "--seeds", "2", "--epochs", "2", "--samples-per-epoch"
 
 @pytest.mark.slow
 def test_frozen_demo_checkpoints_load_in_plain_openclip_and_score_as_reported(tmp_path):
-    from open_clip_medclip.demo import RESULTS_FILE, _positive_margin, score_checkpoint
+    from open_clip_medclip.demo import RESULTS_FILE
     from open_clip_medclip.demo import main as demo_main
+    from open_clip_medclip.demo_results import _positive_margin, score_checkpoint
     from open_clip_medclip.demo_stats import auc_rows
 
     first = tmp_path / "first"
