@@ -84,11 +84,11 @@ def predict_run(loaded, folder: Path, out: Path, batch_size: int, heatmaps: Path
     from unittest import mock
 
     from open_clip_medclip import predict_cli
-    from open_clip_medclip.eval import cli as eval_cli
+    from open_clip_medclip.eval import embed
 
     argv = [str(folder), "--model", "medclip-x", "--out", str(out), "--batch-size", str(batch_size), "--quiet",
             "--device", "cpu"] + (["--heatmaps", str(heatmaps)] if heatmaps else [])
-    with mock.patch.object(eval_cli, "load_model", lambda *a, **k: loaded):
+    with mock.patch.object(embed, "load_model", lambda *a, **k: loaded):
         code = predict_cli.main(argv)
     assert code == 0, code
 
