@@ -40,10 +40,12 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from . import hosted
 from . import labels as label_contract
 from .augment import GrayToNormalizedRGB, PadToSquare, medclip_train_transform  # noqa: F401  (re-exported)
 from .errors import UserError
 from .findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
+from .options import MedclipOptions
 
 log = logging.getLogger("open_clip_medclip.streams")
 
@@ -421,13 +423,13 @@ def preflight_shards(args, world_size: int) -> str | None:
     """
     check_shards_exist("--train-data", getattr(args, "train_data", None))
     check_shards_exist("--val-data", getattr(args, "val_data", None))
-    check_shards_exist("--medclip-bank-data", getattr(args, "medclip_bank_data", None))
+    options = MedclipOptions.from_args(args)
+    check_shards_exist("--medclip-bank-data", options.bank_data)
     if not getattr(args, "train_data", None) or getattr(args, "dataset_resampled", False):
         return None
     groups = expand_shard_groups(args.train_data)
     cache = _IndexCache()
-    images = sum(1 for (shards, _), location in zip(groups, _explicit_indexes(getattr(args, "medclip_index", None),
-                                                                                len(groups)), strict=True)
+    images = sum(1 for (shards, _), location in zip(groups, _explicit_indexes(options.index, len(groups)), strict=True)
                  for url in shards if cache.lookup(url, location)[1].images)
     workers = max(0, int(getattr(args, "workers", 0) or 0))
     if images >= max(1, workers) * world_size:
@@ -447,9 +449,10 @@ def plan_streams(args, is_train: bool) -> StreamPlan:
     """Image-bearing shards (with upsampling factors), expected counts and the sentence bank, from the indexes."""
     urls = args.train_data if is_train else args.val_data
     weights = getattr(args, "train_data_upsampling_factors", None) if is_train else None
-    policy = getattr(args, "medclip_uncertain", None) or label_contract.DEFAULT_TRAINING_POLICY
+    options = MedclipOptions.from_args(args)
+    policy = options.uncertain
     groups = expand_shard_groups(urls, weights)
-    explicit = _explicit_indexes(getattr(args, "medclip_index", None), len(groups))
+    explicit = _explicit_indexes(options.index, len(groups))
     cache = _IndexCache()
     image_urls: list[str] = []
     image_weights: list[float] | None = [] if weights is not None else None
@@ -474,29 +477,29 @@ def plan_streams(args, is_train: bool) -> StreamPlan:
                 needs_bank = needs_bank or counts.kinds.get("image", 0) > 0
                 if image_weights is not None:
                     image_weights.append(factor)
-    extra_bank = getattr(args, "medclip_bank_data", None)
+    extra_bank = options.bank_data
     if extra_bank:
         bank_groups = expand_shard_groups(extra_bank)
-        bank_explicit = _explicit_indexes(getattr(args, "medclip_bank_index", None), len(bank_groups))
+        bank_explicit = _explicit_indexes(options.bank_index, len(bank_groups))
         for (shards, _), location in zip(bank_groups, bank_explicit, strict=True):
             bank_locations += [cache.lookup(url, location)[0] for url in shards]
-    if not is_train and not getattr(args, "medclip_val_own_bank", False) and getattr(args, "train_data", None):
+    if not is_train and not options.val_own_bank and getattr(args, "train_data", None):
         train_groups = expand_shard_groups(args.train_data)
-        train_explicit = _explicit_indexes(getattr(args, "medclip_index", None), len(train_groups))
+        train_explicit = _explicit_indexes(options.index, len(train_groups))
         for (shards, _), location in zip(train_groups, train_explicit, strict=True):
             bank_locations += [cache.lookup(url, location)[0] for url in shards]
     if not image_urls:
         raise UserError(f"{urls}: no shard holds images (paired or image kind, says the index); nothing to train on")
     for location, index in cache.indexes.items():
         label_contract.check_policy(getattr(index, "label_policy", "raw"), policy, where=f"shards at {location}")
-    bank_kinds = tuple(getattr(args, "medclip_bank_kinds", None) or ("text", "paired"))
+    bank_kinds = tuple(options.bank_kinds)
     parts = [_bank_part(cache.indexes[loc], bank_kinds) for loc in dict.fromkeys(bank_locations)]
     bank = SentenceBank.concat(parts, policy)
     if needs_bank and not len(bank):
         raise UserError(f"{urls}: image-only shards need a sentence bank, but no text-only or paired shard has "
                         "sentences (add text shards to the data or pass --medclip-bank-data)")
     checksums = None
-    if getattr(args, "medclip_verify_checksums", False):  # one more index file, read once per rank
+    if options.verify_checksums:  # one more index file, read once per rank
         checksums = {}
         for url in image_urls:
             where, _ = cache.get(explicit_of.get(url) or url)
@@ -633,14 +636,11 @@ class ShardFailurePolicy:
 
     @classmethod
     def from_args(cls, args=None, shards: int = 1) -> ShardFailurePolicy:
-        """From the `--medclip-shard-*` values (their defaults where `args` lacks them: `train.add_medclip_options`
-        owns both); `shards`: the epoch's shards, shared by world size x loader workers."""
-        from .train import SHARD_FAILURE_DEFAULTS
-
-        given = {}
-        for name, default in SHARD_FAILURE_DEFAULTS.items():
-            value = getattr(args, f"medclip_shard_{name}", None)
-            given[name] = default if value is None else value
+        """From the `--medclip-shard-*` options (`MedclipOptions`, their defaults where `args` lacks them);
+        `shards`: the epoch's shards, shared by world size x loader workers."""
+        options = MedclipOptions.from_args(args)
+        given = {name: getattr(options, f"shard_{name}") for name in ("retries", "timeout", "backoff", "max_failures",
+                                                                      "max_skipped")}
         for name, value in given.items():
             if value < 0 or (name == "max_failures" and value < 1):
                 raise UserError(f"--medclip-shard-{name.replace('_', '-')} must be "
@@ -665,15 +665,13 @@ class ShardReader:
         self._skipped_epoch: tuple[object, int] = (None, 0)
 
     def _read(self, url: str, errors: list[str]) -> Iterator[dict]:
-        from open_clip_medclip.plugins.openclip_data import shard_samples
-
         def handler(exc: BaseException) -> bool:
             first = exc.args[0] if exc.args else ""
             errors.append(f"{type(exc).__name__}: {str(first).split(' @ ')[0]}".rstrip(": "))
             return True
 
         timeout = self.policy.timeout if is_remote_url(url) else None
-        return shard_samples(url, handler, timeout=timeout or None)
+        return hosted.piece("shard_samples")(url, handler, timeout=timeout or None)
 
     def _failed(self, url: str, error: str, attempts: int) -> None:
         """Count a remote shard skipped after its attempts; stop the run past the policy's thresholds."""
@@ -859,9 +857,7 @@ class SeededShuffle:
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        from open_clip_medclip.plugins.openclip_data import seeded_shuffle
-
-        return seeded_shuffle(source, self.bufsize, self.initial, epoch_rng("shuffle", self.seed, self.rank,
+        return hosted.piece("seeded_shuffle")(source, self.bufsize, self.initial, epoch_rng("shuffle", self.seed, self.rank,
                                                                             self.epoch))
 
 
@@ -907,8 +903,8 @@ def text_multiple_for(args) -> int:
     exactly the longest text, as the authors' collator pads; other HF towers mask padding, so their embeddings do
     not depend on it and the width is rounded up to a multiple of 8; OpenCLIP's own text transformer: no trimming.
     """
-    value = getattr(args, "medclip_text_multiple", None)
-    if value not in (None, "auto"):
+    value = MedclipOptions.from_args(args).text_multiple
+    if value != "auto":
         value = int(value)
         if value < 0:
             raise UserError(f"--medclip-text-multiple must be auto or >= 0, got {value}")
@@ -926,8 +922,7 @@ def text_multiple_for(args) -> int:
 
 def text_bucket_for(args) -> int:
     """`--medclip-text-bucket N`: batches per length-sorted pool (0, the default: no bucketing)."""
-    value = getattr(args, "medclip_text_bucket", None)
-    value = int(value or 0)
+    value = int(MedclipOptions.from_args(args).text_bucket or 0)
     if value < 0:
         raise UserError(f"--medclip-text-bucket must be >= 0, got {value}")
     return value
@@ -1060,8 +1055,6 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
     """Drop-in for `open_clip_train.data.get_wds_dataset` that yields label-packed (image, text) batches."""
     import webdataset as wds
 
-    from open_clip_medclip.plugins.openclip_data import spliced_wds_dataset
-
     plan = plan_streams(args, is_train)
     resampled = bool(getattr(args, "dataset_resampled", False)) and is_train
     if is_train and plan.image_weights is not None and not resampled:
@@ -1099,7 +1092,7 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
         ]
         return ShardReader(stats, failure_policy, shared_epoch), shuffle_stage, tail
 
-    info = spliced_wds_dataset(args, preprocess_img, is_train, epoch, floor, tokenizer, shards=plan.image_urls,
+    info = hosted.piece("spliced_wds_dataset")(args, preprocess_img, is_train, epoch, floor, tokenizer, shards=plan.image_urls,
                                weights=plan.image_weights, num_samples=plan.image_samples,
                                build_stages=build_stages)
     info.dataloader.medclip_plan = plan

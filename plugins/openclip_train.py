@@ -56,6 +56,7 @@ from open_clip_medclip.augment import medclip_train_transform
 from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
+from open_clip_medclip.options import MedclipOptions
 from open_clip_medclip.streams import ShardSourceError, check_shards_exist, get_medclip_wds_dataset, preflight_shards
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
@@ -281,7 +282,7 @@ def data_has_medclip_labels(args) -> tuple[bool, str | None]:
     if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
         return False, None
     url = first_shard(data)
-    timeout = getattr(args, "medclip_shard_timeout", None)
+    timeout = MedclipOptions.from_args(args).shard_timeout
     return (bool(url) and shard_carries_medclip_labels(url, timeout=timeout)), url
 
 
@@ -470,9 +471,9 @@ class _Run:
     crash-safe checkpoints, logging and seeding of a MedCLIP run.
     """
 
-    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None,
+    def __init__(self, options: MedclipOptions, streams: bool = True, data_note: str | None = None,
                  front_door: str = "medclip") -> None:
-        self.medclip_args = medclip_args
+        self.options = options
         self.front_door = front_door  # "medclip" (`medclip train`) or "host" (plain open_clip_train.main)
         self.streams = streams
         self.data_note = data_note
@@ -486,8 +487,7 @@ class _Run:
 
     def parse_args(self, argv):
         args = _ORIGINAL.parse_args(argv)
-        for key, value in vars(self.medclip_args).items():
-            setattr(args, key, value)
+        self.options.store(args)
         self.args = args
         if self.streams and _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
             preflight(args, "medclip train")
@@ -496,14 +496,14 @@ class _Run:
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
         clip_model, preprocess_train, preprocess_val = _ORIGINAL.create_model_and_transforms(model_name, *pos, **kwargs)
         inner = clip_model.module if hasattr(clip_model, "module") else clip_model
-        if getattr(self.medclip_args, "medclip_padding_free", False):
+        if self.options.padding_free:
             enable_padding_free_text(inner)
             logging.info("open_clip_medclip: %s text tower runs padding-free (--medclip-padding-free)", model_name)
         if not self.streams:
             return clip_model, preprocess_train, preprocess_val
         context_length = model_context_length(model_name, kwargs.get("force_context_length"))
         enable_label_passthrough(inner, context_length)
-        if getattr(self.medclip_args, "medclip_augment", "medclip") == "medclip":
+        if self.options.augment == "medclip":
             cfg = model.get_model_preprocess_cfg(inner)
             size = cfg.get("size", 224)
             size = size[0] if isinstance(size, (tuple, list)) else size
@@ -516,14 +516,14 @@ class _Run:
             return (f"open_clip_medclip: plain InfoNCE (OpenCLIP's ClipLoss on OpenCLIP's streams): {args.model} is a "
                     f"MedCLIP model but the training data carry no MedCLIP labels ({self.data_note}); build MedCLIP "
                     "shards with `medclip shards build` for the semantic matching loss")
-        augment = getattr(args, "medclip_augment", "medclip")
-        if getattr(args, "medclip_loss", "soft") == "clip":
+        options = MedclipOptions.from_args(args)
+        if options.loss == "clip":
             what = "plain InfoNCE (--medclip-loss clip)"
         else:
-            what = (f"the semantic matching loss (label similarity {getattr(args, 'medclip_label_similarity', 'dot')},"
-                    f" uncertain labels as {getattr(args, 'medclip_uncertain', 'zeros')})")
+            what = (f"the semantic matching loss (label similarity {options.label_similarity},"
+                    f" uncertain labels as {options.uncertain})")
         return (f"open_clip_medclip: training {args.model} with {what} on MedCLIP label-aware streams, "
-                f"{augment} augmentation")
+                f"{options.augment} augmentation")
 
     def create_loss(self, args):
         from open_clip_train.distributed import is_master
@@ -532,7 +532,7 @@ class _Run:
             logging.info(self.announce(args))
         if not self.streams:
             return _ORIGINAL.create_loss(args)
-        return create_medclip_loss(args)
+        return create_medclip_loss(args, self.options)
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
         self.tokenizer = tokenizer
@@ -628,10 +628,10 @@ def _restore(namespace: dict, saved: dict) -> None:
 
 
 @contextlib.contextmanager
-def patched_trainer(medclip_args, namespace: dict | None = None) -> Iterator[_Run]:
+def patched_trainer(options: MedclipOptions, namespace: dict | None = None) -> Iterator[_Run]:
     """Rebind the trainer's entry points for the duration of one run; restored on exit, even after errors."""
     namespace = vars(open_clip_train.main) if namespace is None else namespace
-    run = _Run(medclip_args)
+    run = _Run(options)
     root_logger = logging.getLogger()
     handlers_before = list(root_logger.handlers)
     # setup_logging also sets the level of every logger that exists (torch's too); restore them all afterwards.
@@ -674,10 +674,10 @@ class _ErrorLines:
         return getattr(self.stream, name)
 
 
-def run_trainer(trainer_argv: list[str], medclip_args) -> _Run:
+def run_trainer(trainer_argv: list[str], options: MedclipOptions) -> _Run:
     """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place; the run says what
     happened (`args`, `host_result`, `host_messages`, `epochs_run`, `steps`, `torch.saved`)."""
-    with patched_trainer(medclip_args) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
+    with patched_trainer(options) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
         run.host_result = open_clip_train.main.main(trainer_argv)
     return run
 
@@ -689,13 +689,11 @@ _HOST_INSTALLED: dict[int, tuple[dict, dict, ZeroShotHook | None]] = {}
 
 
 def medclip_options_parser() -> argparse.ArgumentParser:
-    from open_clip_medclip.train import add_medclip_options
-
     parser = argparse.ArgumentParser(
         prog="open_clip_train.main", usage=argparse.SUPPRESS, add_help=False, allow_abbrev=False,
         description="open_clip_medclip (autoload): with --model medclip-* and MedCLIP shards this trainer uses the "
         "semantic matching loss on label-aware streams; the flags below tune it. OpenCLIP's own options follow.")
-    add_medclip_options(parser)
+    MedclipOptions.add_arguments(parser)
     return parser
 
 
@@ -744,7 +742,8 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         parser.print_help()
         print()
         return original(argv)
-    medclip_args, rest = parser.parse_known_args(argv)
+    parsed, rest = parser.parse_known_args(argv)
+    options = MedclipOptions.from_args(parsed)
     args = original(rest)
     if not is_medclip_config(args.model):
         given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
@@ -752,11 +751,10 @@ def host_parse_args(original: Callable, argv, namespace: dict):
             host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
                          "(open_clip_medclip autoload)")
         return args
-    if medclip_args.medclip_padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
+    if options.padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
         host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
                      "(medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)")
-    for key, value in vars(medclip_args).items():
-        setattr(args, key, value)
+    options.store(args)
     if _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
         with _refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
             check_shards_exist("--train-data", args.train_data)
@@ -767,13 +765,11 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         with _refused_on_one_line():
             preflight(args, "open_clip_train.main")
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
-    run = _Run(medclip_args, streams=labelled, data_note=note, front_door="host")
+    run = _Run(options, streams=labelled, data_note=note, front_door="host")
     run.args = args
     hook = None
-    if labelled and medclip_args.medclip_zeroshot_suite:
-        from open_clip_medclip.train import suite_zero_shot_hook
-
-        hook = register_zero_shot_eval(suite_zero_shot_hook(medclip_args.medclip_zeroshot_suite))
+    if labelled and options.zeroshot_suite:
+        hook = register_zero_shot_eval(suite_zero_shot_hook(options.zeroshot_suite))
     saved = _install(namespace, run.namespace_replacements(namespace, with_parse_args=False))
     _HOST_INSTALLED[id(namespace)] = (namespace, saved, hook)
     return args
@@ -797,3 +793,25 @@ def eval_preprocess(clip_model: torch.nn.Module):
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     return image_transform_v2(PreprocessCfg(**clip_model.visual.preprocess_cfg), is_train=False)
+
+
+def suite_zero_shot_hook(suites: list[str]):
+    """A trainer zero-shot hook evaluating built suites, following open_clip_train's --zeroshot-frequency rule."""
+
+    def hook(model, data, epoch, args, tokenizer=None) -> dict[str, float]:
+        frequency = args.zeroshot_frequency
+        if not frequency or (epoch % frequency != 0 and epoch != args.epochs):
+            return {}
+        import open_clip
+
+        from open_clip_medclip.eval.zeroshot import zero_shot_metrics
+        preprocess = eval_preprocess(model)
+        tokenizer = tokenizer or open_clip.get_tokenizer(args.model)
+        device_type = str(args.device).split(":")[0]
+        metrics: dict[str, float] = {}
+        for suite in suites:
+            metrics.update(zero_shot_metrics(model, suite, tokenizer, preprocess, args.device,
+                                             autocast=lambda: get_autocast(args.precision, device_type=device_type)()))
+        return metrics
+
+    return hook

@@ -118,7 +118,7 @@ def test_a_shard_that_recovers_is_read_once_without_duplicates(server, small_sha
 
 
 def test_policy_share_and_defaults_come_from_the_options():
-    from open_clip_medclip.train import SHARD_FAILURE_DEFAULTS
+    from open_clip_medclip.options import SHARD_FAILURE_DEFAULTS
 
     policy = ShardFailurePolicy.from_args(SimpleNamespace(world_size=2, workers=4), shards=100)
     assert policy.share == 13 and policy.retries == SHARD_FAILURE_DEFAULTS["retries"]
