@@ -57,7 +57,10 @@ from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
 from open_clip_medclip.options import MedclipOptions
-from open_clip_medclip.streams import ShardSourceError, check_shards_exist, get_medclip_wds_dataset, preflight_shards
+from open_clip_medclip.streams.faults import ShardSourceError
+from open_clip_medclip.streams.plan import check_shards_exist, preflight_shards
+from open_clip_medclip.streams.stages import get_medclip_wds_dataset
+from open_clip_medclip.text_width import MEDCLIP_POOLERS, text_pooler_type
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -191,28 +194,9 @@ def model_context_length(model_name: str, force_context_length: int | None = Non
     return int(open_clip.get_tokenizer(model_name).context_length)
 
 
-def text_pooler_type(model_name: str | None) -> str | None:
-    """The `hf_pooler_type` of `--model`'s config (OpenCLIP name or `local-dir:`), None if it has none."""
-    if not model_name:
-        return None
-    config = None
-    if model_name.startswith("local-dir:"):
-        import json
-
-        path = os.path.join(model_name[len("local-dir:"):], "open_clip_config.json")
-        try:
-            with open(path) as handle:
-                config = json.load(handle).get("model_cfg")
-        except (OSError, ValueError):
-            return None
-    else:
-        config = factory.get_model_config(model_name)
-    return ((config or {}).get("text_cfg") or {}).get("hf_pooler_type")
-
-
 def is_medclip_config(model_name: str | None) -> bool:
     """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
-    return text_pooler_type(model_name) in ("medclip_pooler", "medclip_masked_pooler")
+    return text_pooler_type(model_name) in MEDCLIP_POOLERS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,7 +229,7 @@ def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float
     from open_clip_medclip.plugins.openclip_data import open_url
 
     from open_clip_medclip.shards.format import KINDS
-    from open_clip_medclip.streams import ShardFailurePolicy, is_remote_url
+    from open_clip_medclip.streams.faults import ShardFailurePolicy, is_remote_url
 
     if timeout is None and is_remote_url(url):
         timeout = ShardFailurePolicy.from_args().timeout

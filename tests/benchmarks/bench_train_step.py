@@ -29,9 +29,10 @@ from open_clip_medclip.plugins import openclip_train
 from PIL import Image
 
 import open_clip_medclip  # noqa: F401  (registers the models)
+from open_clip_medclip.augment import medclip_train_transform
 from open_clip_medclip.labels import pack_batch
 from open_clip_medclip.loss import SemanticMatchingLoss
-from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform
+from open_clip_medclip.streams.stages import get_medclip_wds_dataset
 
 SAMPLE = Path(open_clip_medclip.__file__).resolve().parent / "sample_data"
 

@@ -15,7 +15,7 @@ from open_clip_medclip import models, padding_free
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.labels import pack_batch
 from open_clip_medclip.loss import SemanticMatchingLoss
-from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens
+from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens
 
 # real IU-style sentences of very different lengths (one far longer than the rest), as a batch meets them
 SENTENCES = ["no pneumothorax is seen today .", "heart size normal .", "the lungs are clear .",

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from open_clip_medclip.streams import ShardFailurePolicy, ShardSourceError, get_medclip_wds_dataset
+from open_clip_medclip.streams.faults import ShardFailurePolicy, ShardSourceError
+from open_clip_medclip.streams.stages import get_medclip_wds_dataset
 from tests.train.faultserver import FaultServer
 
 FAST = dict(medclip_shard_retries=2, medclip_shard_timeout=1.0, medclip_shard_backoff=0.01,
@@ -128,7 +129,7 @@ def test_policy_share_and_defaults_come_from_the_options():
 
 
 def _pipe_reader(**overrides):
-    from open_clip_medclip.streams import ShardReader, StreamStats
+    from open_clip_medclip.streams.stages import ShardReader, StreamStats
 
     policy = ShardFailurePolicy.from_args(_args("unused", **{**FAST, "medclip_shard_retries": 0,
                                                              "medclip_shard_max_failures": 1, **overrides}))
