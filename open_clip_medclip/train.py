@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     medclip_args, trainer_argv = parser.parse_known_args(argv)
     if medclip_args.help:  # the launcher (main) is the one place here that loads the trainer glue
-        from open_clip_medclip.plugins.openclip_train import trainer_parse_args
+        from open_clip_medclip.plugins.host_args import trainer_parse_args
 
         _print_help(parser, trainer_parse_args)
         return 0
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"removed": files}))
         return 0
 
-    from open_clip_medclip.plugins import openclip_train
+    from open_clip_medclip.plugins import host_args, openclip_train, trainer_shims
 
-    _check_trainer_flags(trainer_argv, parser, openclip_train.trainer_parse_args)
+    _check_trainer_flags(trainer_argv, parser, host_args.trainer_parse_args)
     device = _flag_value(trainer_argv, "--device")
     if device is not None:
         resolve_device(device)  # the device policy of every command: a missing accelerator is a user error
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_model_name(_flag_value(trainer_argv, "--model") or "RN50")
 
     options = MedclipOptions.from_args(medclip_args)
-    hook = openclip_train.suite_zero_shot_hook(options.zeroshot_suite) if options.zeroshot_suite else None
+    hook = trainer_shims.suite_zero_shot_hook(options.zeroshot_suite) if options.zeroshot_suite else None
     if hook is not None:
         openclip_train.register_zero_shot_eval(hook)
     try:

@@ -9,7 +9,7 @@ call it, then splice their stages into the pipeline it built. Upstream keeps eve
                                   -> counted,    -> seeded per       -> MedCLIP tail: validate, pair texts,
                                      any URL        rank/worker/epoch   transform, batch, trim, pack labels
 
-Every attribute used is checked at import (`check_host`); a pipeline that no longer has the expected shape fails
+Every attribute used is checked at import (`check_host`; `open_clip.__version__` names the installed host); a pipeline that no longer has the expected shape fails
 with `HostMismatchError` naming the stage, never silently.
 """
 from __future__ import annotations

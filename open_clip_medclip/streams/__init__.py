@@ -26,8 +26,7 @@ to the raw codes, after checking it against the build's recorded policy.
 """
 from __future__ import annotations
 
-# frozen.py still imports the token trimming from here; its home is `open_clip_medclip.text_width`
-from ..text_width import tokenizer_pad_id, trim_tokens  # noqa: E402, I001
+from ..text_width import tokenizer_pad_id, trim_tokens  # frozen.py's import; their home is text_width
 from .stages import get_medclip_wds_dataset, iter_pairs
 
 __all__ = ["get_medclip_wds_dataset", "iter_pairs", "tokenizer_pad_id", "trim_tokens"]

@@ -19,9 +19,6 @@ from .faults import is_remote_url
 log = logging.getLogger("open_clip_medclip.streams")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# URLs and the shard index
-# --------------------------------------------------------------------------------------------------------------
 def expand_shard_groups(urls: str | Sequence[str], weights: str | Sequence[float] | None = None
                         ) -> list[tuple[list[str], float | None]]:
     """`a::b` brace-notation groups (and `--train-data-upsampling-factors`) as [(shard list, factor)]."""

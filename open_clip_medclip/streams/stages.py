@@ -26,9 +26,6 @@ log = logging.getLogger("open_clip_medclip.streams")
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Per-worker stream statistics: samples per shard against the index, named skips, the epoch summary
-# --------------------------------------------------------------------------------------------------------------
 def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0

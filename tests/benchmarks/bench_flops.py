@@ -185,7 +185,7 @@ def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_
     labels[:, 0] = 1
     texts = pack_batch(trimmed, labels, labels)
     images = torch.zeros(batch, 3, image_size, image_size)
-    openclip_train.enable_label_passthrough(model, tokens.shape[1])
+    openclip_train.enable_label_passthrough(model)
     model.zero_grad(set_to_none=True)
     flops = _count(lambda: SemanticMatchingLoss()(**model(images, texts)))
     return trimmed.shape[1], flops

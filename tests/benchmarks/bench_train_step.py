@@ -51,7 +51,7 @@ def build_sample_shards(out: Path) -> tuple[str, str]:
 def training_step_ratio(model_name: str, batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, output_dict=True)
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     model.train()
     size = open_clip.get_model_preprocess_cfg(model)["size"]
     size = size[0] if isinstance(size, (tuple, list)) else size

@@ -44,7 +44,7 @@ def _declared(parser) -> set[str]:
 
 
 def test_every_option_read_is_declared_by_both_front_doors():
-    from open_clip_medclip.plugins.openclip_train import medclip_options_parser
+    from open_clip_medclip.plugins.host_args import medclip_options_parser
 
     from open_clip_medclip.train import build_parser
 

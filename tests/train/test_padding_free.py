@@ -133,7 +133,7 @@ def test_compiled_padding_free_training_step_equals_eager():
     """torch.compile (the `--torchcompile` path) with label passthrough and the padding-free tower: eager's step."""
     torch._dynamo.reset()
     model = _tiny()
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     openclip_models.enable_padding_free_text(model)
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(2, (len(SENTENCES), 14), generator=g).float()
