@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 import tarfile
 
@@ -22,8 +21,6 @@ from open_clip_medclip.options import MedclipOptions
 from open_clip_medclip.streams.faults import ShardSourceError
 from open_clip_medclip.streams.plan import preflight_shards
 from open_clip_medclip.text_width import MEDCLIP_POOLERS, text_pooler_type
-
-log = logging.getLogger("open_clip_medclip")
 
 
 def is_medclip_config(model_name: str | None) -> bool:

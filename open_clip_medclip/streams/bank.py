@@ -1,7 +1,6 @@
 """The sentence bank: deduplicated labelled sentences by positive finding, and the pairing rules."""
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Iterable, Sequence
 
@@ -10,9 +9,6 @@ import numpy as np
 from .. import labels as label_contract
 from ..errors import UserError
 from ..findings import CHEXPERT_FINDINGS, FINDING_INDEX, NUM_FINDINGS
-
-log = logging.getLogger("open_clip_medclip.streams")
-
 
 NO_FINDING = FINDING_INDEX["No Finding"]
 
@@ -24,8 +20,6 @@ RULE_FALLBACK = "fallback-no-finding"  # no bank sentence has any of the image's
 
 # Findings that count for the shared-finding rule (No Finding excluded), as bits of a per-sentence mask.
 _PAIRING_FINDINGS = tuple(f for f in range(NUM_FINDINGS) if f != NO_FINDING)
-
-
 
 
 class SentenceBank:

@@ -1,14 +1,11 @@
 """Failing shard sources: which URLs are remote, the retry/stop policy (`--medclip-shard-*`), the stop error."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from ..errors import UserError
 from ..options import MedclipOptions
-
-log = logging.getLogger("open_clip_medclip.streams")
 
 
 class ShardSourceError(UserError):
