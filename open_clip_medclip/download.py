@@ -277,22 +277,21 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, *, filename: str
                         + manual)
 
 
-def is_medclip_cfg(cfg: dict | None) -> bool:
-    """A pretrained cfg for the official MedCLIP weights (marked, or one of the official URLs)."""
+def is_medclip_cfg(cfg: dict | None, official_urls: tuple[str, ...] = ()) -> bool:
+    """A pretrained cfg for the official MedCLIP weights (marked, or one of `official_urls`)."""
     if not cfg or "file" in cfg or not cfg.get("url"):
         return False
     if cfg.get(MARKER_KEY):
         return True
-    plugin = sys.modules.get("open_clip_medclip.plugins.openclip_models")
-    urls = getattr(plugin, "OFFICIAL_WEIGHT_URLS", {}) if plugin is not None else {}
-    return cfg["url"] in urls.values()
+    return cfg["url"] in official_urls
 
 
-def wrap_download_pretrained(original: Callable) -> Callable:
-    """Wrap `open_clip.factory.download_pretrained` so MedCLIP tags download through `fetch`; others unchanged."""
+def wrap_download_pretrained(original: Callable, official_urls: tuple[str, ...] = ()) -> Callable:
+    """Wrap `open_clip.factory.download_pretrained` so MedCLIP tags (marked, or one of `official_urls`) download
+    through `fetch`; others unchanged."""
 
     def download_pretrained(cfg, prefer_hf_hub=True, cache_dir=None):
-        if is_medclip_cfg(cfg):
+        if is_medclip_cfg(cfg, official_urls):
             return str(fetch(cfg["url"], cache_dir, sha256=cfg.get("sha256"), size=cfg.get("size")))
         return original(cfg, prefer_hf_hub=prefer_hf_hub, cache_dir=cache_dir)
 

@@ -141,7 +141,7 @@ def text_trunk_features(model: nn.Module, tokenizer: Callable, texts: Sequence[s
     """(n, D) pooled text trunk features, in the order of `texts` (batched by length: less padding, same result
     for padding-free poolers; other poolers keep the tokenizer's width, as `eval.embed.embed_texts` does)."""
     from open_clip_medclip.models import pools_without_padding
-    from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens
+    from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens
 
     multiple = 8 if pools_without_padding(model) else 0
     pad_id = tokenizer_pad_id(tokenizer)
@@ -196,7 +196,7 @@ def build_training_features(model: nn.Module, model_name: str, tokenizer: Callab
     """Read the training shards (the same reading, checking and pairing stages as training: `streams.iter_pairs`),
     and cache `views` augmented views of every image (plus one under `eval_transform`, for validation) and the
     trunk features of every bank sentence."""
-    from open_clip_medclip.streams import iter_pairs
+    from open_clip_medclip.streams.stages import iter_pairs
 
     bank, samples = iter_pairs(train_data, bank_data, policy=policy)
     keys, images, labels = [], [], []

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from open_clip import ClipLoss
 
+from open_clip_medclip import hosted
+from open_clip_medclip.options import LABEL_SIMILARITIES, LOSS_KINDS, MedclipOptions
+
 try:
     import torch.distributed as dist
 except ImportError:  # pragma: no cover - torch built without distributed
@@ -22,8 +25,6 @@ try:
 except ImportError:
     hvd = None
 
-LABEL_SIMILARITIES = ("dot", "cosine")
-LOSS_KINDS = ("soft", "clip")
 # Same loss, two logits layouts: `square` (one logits matmul, symmetric passes) is fastest on CPU, where the matmul
 # dominates; `rows` (two matmuls, row-wise fused softmaxes, ClipLoss' own layout) on GPUs, where column reductions
 # are slow and matmuls cheap. `auto` picks by device; tests/benchmarks/bench_loss.py measures both against ClipLoss.
@@ -160,11 +161,8 @@ def _all_gather_nograd(tensor: torch.Tensor, world_size: int, use_horovod: bool)
 
 
 def gather_features(*args, **kwargs):
-    """OpenCLIP's feature all-gather, through the host glue (imported on first use: the glue loads open_clip_train's
-    data module, which a single-process loss never needs)."""
-    from open_clip_medclip.plugins.openclip_data import gather_features as host_gather_features
-
-    return host_gather_features(*args, **kwargs)
+    """OpenCLIP's feature all-gather, handed in by the host glue (`hosted`)."""
+    return hosted.piece("gather_features")(*args, **kwargs)
 
 
 class SemanticMatchingLoss(ClipLoss):
@@ -381,8 +379,9 @@ class LabelTolerantClipLoss(ClipLoss):
         return super().forward(image_features, text_features, logit_scale, logit_bias=logit_bias, output_dict=output_dict)
 
 
-def create_medclip_loss(args) -> ClipLoss:
-    """Build the loss from `open_clip_train` args plus the `--medclip-*` flags (see `open_clip_medclip.train`)."""
+def create_medclip_loss(args, options: MedclipOptions | None = None) -> ClipLoss:
+    """Build the loss from `open_clip_train` args plus the `--medclip-*` options (`MedclipOptions`, else in `args`)."""
+    options = options or MedclipOptions.from_args(args)
     common = dict(
         local_loss=args.local_loss,
         gather_with_grad=args.gather_with_grad,
@@ -391,13 +390,13 @@ def create_medclip_loss(args) -> ClipLoss:
         world_size=args.world_size,
         use_horovod=args.horovod,
     )
-    kind = getattr(args, "medclip_loss", "soft")
+    kind = options.loss
     if kind == "clip":
         return LabelTolerantClipLoss(**common)
     if kind == "soft":
         return SemanticMatchingLoss(
-            label_similarity=getattr(args, "medclip_label_similarity", "dot"),
-            temperature=getattr(args, "medclip_label_temperature", 1.0),
+            label_similarity=options.label_similarity,
+            temperature=options.label_temperature,
             **common,
         )
     raise ValueError(f"unknown --medclip-loss {kind!r}; choose one of {LOSS_KINDS}")

@@ -15,11 +15,9 @@ SCHEMAS = ("hf-hub:", "local-dir:")
 
 
 def _register() -> None:
-    import open_clip_medclip
-
-    register = getattr(open_clip_medclip, "register", None)  # idempotent; importing open_clip also triggers it
-    if register is not None:
-        register()
+    """Register the MedCLIP models: importing open_clip does (this package's import hook runs `register()`, or
+    ran it already when open_clip came first); the package itself is not imported from here (no import cycle)."""
+    import open_clip  # noqa: F401
 
 
 def medclip_model_names() -> tuple[str, ...]:

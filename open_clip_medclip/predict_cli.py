@@ -44,70 +44,16 @@ from pathlib import Path
 
 from open_clip_medclip import atomic
 from open_clip_medclip.errors import UserError, unknown_name_error
+from open_clip_medclip.image_inputs import IMAGE_SUFFIXES, collect_inputs
 
 REJECTED_EXIT_CODE = 3
 DEFAULT_MODEL = "medclip-swin"
 DEFAULT_ENSEMBLE = "logit"
 # Options that describe a zero-shot classifier; a saved fine-tuned classifier (`--classifier`) fixes all of them.
 ZERO_SHOT_OPTIONS = ("model", "pretrained", "findings", "classes", "prompts", "prompts_per_class", "ensemble")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"})
-LIST_SUFFIXES = frozenset({".csv", ".txt"})
-LIST_COLUMNS = ("path", "image", "file", "filename")
 MIN_DRAWN_SIDE = 256  # heatmap PNGs are drawn at least this large
 VERSIONED = ("open_clip_medclip", "open_clip_torch", "torch", "torchvision", "timm", "transformers", "numpy",
              "pillow", "pydicom")
-
-
-def _read_list(path: Path) -> list[Path]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(text.splitlines()))
-        if not rows:
-            return []
-        header = [h.strip().lower() for h in rows[0]]
-        column = next((header.index(c) for c in LIST_COLUMNS if c in header), None)
-        body = rows[1:] if column is not None else rows
-        entries = [row[column or 0].strip() for row in body if row and len(row) > (column or 0)]
-    else:
-        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return [p if p.is_absolute() else path.parent / p for p in map(Path, filter(None, entries))]
-
-
-def _folder_images(folder: Path) -> list[Path]:
-    found = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and _is_dicom_file(path)):
-            found.append(path)
-    return found
-
-
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Image paths from files, folders (recursive) and CSV/TXT lists, in the order given, without duplicates.
-    A path named here that does not exist is a `UserError`; files listed inside a list are checked when decoded."""
-    paths: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            paths += _folder_images(path)
-        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            paths += _read_list(path)
-        elif path.exists():
-            paths.append(path)
-        else:
-            raise UserError(f"{raw}: no such file or folder")
-    seen: set[Path] = set()
-    return [p for p in paths if not (p in seen or seen.add(p))]
 
 
 def build_parser() -> argparse.ArgumentParser:

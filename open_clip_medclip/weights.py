@@ -405,9 +405,9 @@ def export_local_dir(model_name: str, source: str | os.PathLike, out_dir: str | 
     import open_clip
 
     from open_clip_medclip.atomic import temp_path
+    from open_clip_medclip.hosted import piece
     from open_clip_medclip.model_names import check_model_name
     from open_clip_medclip.models import portable_model_config
-    from open_clip_medclip.plugins.openclip_models import save_for_hf
 
     check_model_name(model_name)
     source = resolve_source(source)
@@ -420,7 +420,7 @@ def export_local_dir(model_name: str, source: str | os.PathLike, out_dir: str | 
     try:
         model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(source))
         tokenizer = open_clip.get_tokenizer(model_name)
-        save_for_hf(model, tokenizer, portable_model_config(model_name), str(tmp_dir), safe_serialization=True)
+        piece("save_for_hf")(model, tokenizer, portable_model_config(model_name), str(tmp_dir), safe_serialization=True)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp_dir, out_dir)

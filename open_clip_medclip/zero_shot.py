@@ -266,7 +266,7 @@ def _as_paths(images) -> list[Path] | None:
     if isinstance(images, (str, Path)):
         images = [images]
     if isinstance(images, (list, tuple)) and all(isinstance(i, (str, Path)) for i in images):
-        from open_clip_medclip.predict_cli import collect_inputs
+        from open_clip_medclip.image_inputs import collect_inputs
 
         return collect_inputs([str(i) for i in images])
     return None

@@ -9,9 +9,8 @@ call it, then splice their stages into the pipeline it built. Upstream keeps eve
                                   -> counted,    -> seeded per       -> MedCLIP tail: validate, pair texts,
                                      any URL        rank/worker/epoch   transform, batch, trim, pack labels
 
-Every attribute used is checked at import (`check_host`); a pipeline that no longer has the expected shape fails
-with `HostMismatchError` naming the stage, never silently. `gather_features` (OpenCLIP's feature all-gather) is
-re-exported here for `open_clip_medclip.loss`.
+Every attribute used is checked at import (`check_host`; `open_clip.__version__` names the installed host); a pipeline that no longer has the expected shape fails
+with `HostMismatchError` naming the stage, never silently.
 """
 from __future__ import annotations
 
@@ -48,7 +47,6 @@ _REQUIRED = {
     wds: ("DataPipeline", "WebLoader", "batched", "select", "map"),
     wds_filters: ("FilterFunction", "_shuffle", "_select", "_batched"),
     wds_tar: ("tar_file_expander", "tarfile_samples"),
-    open_clip.loss: ("gather_features",),
 }
 
 
@@ -61,7 +59,6 @@ def check_host() -> None:
 
 check_host()
 
-gather_features = open_clip.loss.gather_features
 SharedEpoch = ocd.SharedEpoch
 DataInfo = ocd.DataInfo
 log_and_continue = ocd.log_and_continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import open_clip
@@ -25,12 +26,13 @@ import torch
 from open_clip import factory, hf_model, pretrained
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
 
-from open_clip_medclip import models, padding_free, timm_weights
-from open_clip_medclip.download import wrap_download_pretrained
+from open_clip_medclip import hosted, models, padding_free, timm_weights
+from open_clip_medclip.download import MARKER_KEY, wrap_download_pretrained
 from open_clip_medclip.errors import UserError
 
 # `open_clip.push_to_hf_hub` is shadowed by the function of that name in open_clip's namespace
 hf_hub_module = importlib.import_module("open_clip.push_to_hf_hub")
+loss_module = importlib.import_module("open_clip.loss")
 
 _REQUIRED = {
     factory: ("_MODEL_CONFIGS", "load_checkpoint", "set_model_preprocess_cfg", "create_model", "get_model_config",
@@ -38,6 +40,7 @@ _REQUIRED = {
     hf_model: ("AutoConfig", "AutoModel", "register_pooler", "_POOLERS", "HFTextEncoder", "arch_dict"),
     pretrained: ("_PRETRAINED",),
     hf_hub_module: ("save_for_hf",),
+    loss_module: ("gather_features",),
 }
 
 
@@ -238,20 +241,36 @@ def install() -> None:
     factory.set_model_preprocess_cfg = _set_model_preprocess_cfg
     factory.create_model = _create_model  # create_model_and_transforms looks it up here
     # official-weight downloads: timeouts, .part file, zip/size/sha256 check before the cache rename, retries
-    factory.download_pretrained = wrap_download_pretrained(_ORIGINAL.download_pretrained)
+    factory.download_pretrained = wrap_download_pretrained(_ORIGINAL.download_pretrained,
+                                                           tuple(OFFICIAL_WEIGHT_URLS.values()))
     if open_clip.create_model is _ORIGINAL.create_model:
         open_clip.create_model = _create_model
 
     factory._MODEL_CONFIGS.update(models.medclip_model_configs())
     for name, url in OFFICIAL_WEIGHT_URLS.items():
-        pretrained._PRETRAINED.setdefault(name, {})["medclip"] = {"url": url, **models.MEDCLIP_PREPROCESS_CFG}
+        pretrained._PRETRAINED.setdefault(name, {})["medclip"] = {"url": url, MARKER_KEY: True,
+                                                                  **models.MEDCLIP_PREPROCESS_CFG}
 
     bert = hf_model.arch_dict.get("bert")
     if bert is not None:
         bert["config_names"].setdefault("layer_attr", "layer")
         bert["config_names"].setdefault("token_embeddings_attr", "embeddings")
     timm_weights.install()  # offline pretrained timm towers (EfficientNet-Lite0 for medclip-demo)
+    hosted.provide(gather_features=loss_module.gather_features, save_for_hf=save_for_hf,
+                   **{name: _data_piece(name) for name in ("shard_samples", "seeded_shuffle", "spliced_wds_dataset")})
     _INSTALLED = True
+
+
+def _data_piece(name: str) -> Callable:
+    """`plugins.openclip_data.<name>`, imported on the first call (it loads open_clip_train's data module)."""
+
+    def call(*args, **kwargs):
+        from open_clip_medclip.plugins import openclip_data
+
+        return getattr(openclip_data, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
 
 
 def save_for_hf(*args, **kwargs):

@@ -1,41 +1,26 @@
-"""Host glue for `open_clip_train`: the only place that touches the trainer's internals.
+"""Host glue for `open_clip_train`: namespace patching, the one job of this module.
 
 OpenCLIP 3.3's trainer has no plugin hooks for a loss, a dataset or a model class, so both front doors run the
-unmodified `open_clip_train.main.main` with names in its module namespace rebound (each is a name bound by
-`from X import Y` or a module global, so rebinding it in the using module is what takes effect):
-- `parse_args`: adds the `--medclip-*` values to the trainer's namespace;
-- `create_model_and_transforms`: swaps the model's class for a parameter-free subclass that strips the label
-  columns packed into the text tensor (`labels.unpack_batch`) and returns them as `image_labels`/`text_labels`,
-  and puts MedCLIP's training augmentation in place of OpenCLIP's;
-- `create_loss`: `SemanticMatchingLoss` (or label-tolerant `ClipLoss` for `--medclip-loss clip`), and says which;
-- `get_data`, via `open_clip_train.data.get_dataset_fn` during the call: label-aware streams;
-- `train_one_epoch`: per-epoch seeds, samples/s and data-wait fraction (`open_clip_medclip.throughput`);
-- `torch` (a proxy whose `save` is `checkpoints.atomic_save`), `get_latest_checkpoint` (skips unreadable
-  files), `pt_load` (names an unreadable `--resume` file): crash-safe checkpoints;
-- `optim` (a proxy whose `AdamW` is fused when every parameter is on CUDA);
-- `setup_logging`: third-party loggers keep their levels (3.3 sets every logger to INFO: BertConfig dumps);
-- `open_clip_train.train.zero_shot_eval`: adds the metrics of registered zero-shot hooks (`register_zero_shot_eval`),
-  and `train_one_epoch` then calls `evaluate` even without `--val-data`/ImageNet (3.3 gates it on those);
-- `torch.nn.parallel.DistributedDataParallel`: drops `device_ids` for CPU modules (3.3 passes them and fails).
-`medclip train` installs these for one run (`patched_trainer`). Plain `python -m open_clip_train.main` (and
-`torchrun -m open_clip_train.main`) gets them through the opt-in autoload (`open_clip_medclip.autoload`), which
-wraps `open_clip_train.params.parse_args` (`plugins/openclip_main.py`); `host_parse_args` then installs them into
-the calling module's namespace only for MedCLIP models, the full set only when the data are MedCLIP shards.
-Every model, MedCLIP or not, gets the webdataset fix below once this module is imported: webdataset >= 0.2.96 ends
-each shard with an empty `{}` marker that 3.3's `group_by_keys_nothrow` cannot take (`KeyError: 'fname'`).
-Every attribute touched is checked at import; a missing one fails loudly with the attribute's name.
+unmodified `open_clip_train.main.main` with names rebound in its module namespace (names bound by `from X import Y`
+or module globals, so rebinding them in the using module is what takes effect). Host names touched: in
+`open_clip_train.main`'s namespace `parse_args`, `create_model_and_transforms` (label-passthrough model, MedCLIP
+augmentation via `open_clip.model.get_model_preprocess_cfg`), `create_loss`, `get_data` (with
+`open_clip_train.data.get_dataset_fn` during the call), `train_one_epoch` (per-epoch seeds, throughput),
+`setup_logging`, `get_latest_checkpoint`, `pt_load`, `torch`, `optim`; globally `open_clip_train.train.
+zero_shot_eval` (registered zero-shot hooks) and `torch.nn.parallel.DistributedDataParallel` (CPU shim); all are
+restored after the run. What it installs lives by job: `label_passthrough.py`, `trainer_shims.py` (DDP,
+checkpoints, optim, logging, the webdataset end-of-shard fix every model gets once this module is imported),
+`host_args.py` (plain `open_clip_train.main` argument parsing and the pre-run checks); plugins/README.md has the why.
+`medclip train` installs them for one run (`patched_trainer`); plain `python -m open_clip_train.main` through the
+opt-in autoload, whose `parse_args` wrapper (`plugins/openclip_main.py`) hands over to `host_parse_args`: MedCLIP
+models only, the full set only on MedCLIP shards. Every attribute used is checked at import (`check_host`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import glob
 import logging
-import os
 import sys
-import tarfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
@@ -47,16 +32,39 @@ import open_clip_train.params
 import open_clip_train.precision
 import open_clip_train.train
 import torch
-from open_clip import factory, model
+from open_clip import model
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
+from open_clip_medclip.plugins.host_args import (
+    _is_tar_data,
+    _refused_on_one_line,
+    data_has_medclip_labels,
+    host_refusal,
+    is_medclip_config,
+    medclip_options_parser,
+    preflight,
+)
+from open_clip_medclip.plugins.label_passthrough import enable_label_passthrough
 from open_clip_medclip.plugins.openclip_models import enable_padding_free_text
+from open_clip_medclip.plugins.trainer_shims import (
+    CpuFriendlyDDP,
+    TrainerOptim,
+    TrainerTorch,
+    _get_latest_checkpoint,
+    _OriginalDDP,
+    _pt_load,
+    _setup_logging,
+    install_webdataset_fix,
+    seed_epoch,
+    suite_zero_shot_hook,
+)
 
-from open_clip_medclip import checkpoints, labels
 from open_clip_medclip.augment import medclip_train_transform
-from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
-from open_clip_medclip.findings import NUM_FINDINGS
 from open_clip_medclip.loss import create_medclip_loss
-from open_clip_medclip.streams import ShardSourceError, check_shards_exist, get_medclip_wds_dataset, preflight_shards
+from open_clip_medclip.options import MedclipOptions
+from open_clip_medclip.streams.faults import ShardSourceError
+from open_clip_medclip.streams.plan import check_shards_exist
+from open_clip_medclip.streams.stages import get_medclip_wds_dataset
+from open_clip_medclip.text_width import text_pooler_type
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -90,7 +98,6 @@ _REQUIRED = {
     ),
     open_clip_train.train: ("train_one_epoch", "zero_shot_eval", "evaluate"),
     model: ("CustomTextCLIP", "CLIP", "get_model_preprocess_cfg"),
-    factory: ("get_model_config",),
     torch.nn.parallel: ("DistributedDataParallel",),
 }
 
@@ -105,316 +112,12 @@ def check_host() -> None:
 
 
 check_host()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# webdataset end-of-shard markers (every model)
-# ----------------------------------------------------------------------------------------------------------------
-_ORIGINAL_TAR_FILE_EXPANDER = open_clip_train.data.tar_file_expander
-
-
-def tar_file_expander_without_markers(data, *args, **kwargs):
-    """webdataset's `tar_file_expander` minus the empty `{}` end-of-shard markers (webdataset >= 0.2.96), which
-    open_clip_train 3.3's `group_by_keys_nothrow` reads as a file record (`KeyError: 'fname'`)."""
-    for sample in _ORIGINAL_TAR_FILE_EXPANDER(data, *args, **kwargs):
-        if sample:
-            yield sample
-
-
-def install_webdataset_fix() -> None:
-    """Idempotent; `open_clip_train.data.tarfile_to_samples_nothrow` looks the expander up at call time."""
-    open_clip_train.data.tar_file_expander = tar_file_expander_without_markers
-
-
-install_webdataset_fix()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model: label passthrough without new parameters (checkpoints stay plain OpenCLIP state dicts)
-# ----------------------------------------------------------------------------------------------------------------
-class LabelPassthroughMixin:
-    """Strips packed label columns from `text` (`labels.unpack_batch`) and returns them in the output dict.
-
-    Only tensors made by `labels.pack_batch` (recognised by their marker column) are unpacked, so `encode_text`,
-    zero-shot classifiers and unpacked evaluation data see the model unchanged.
-    """
-
-    medclip_context_length = 77  # informational: packed rows carry their own width
-    medclip_num_labels = NUM_FINDINGS
-
-    def forward(self, image=None, text=None):
-        image_labels = text_labels = None
-        if text is not None:
-            text, image_labels, text_labels = labels.unpack_batch(text)
-        out = super().forward(image, text)
-        if image_labels is not None:
-            if not isinstance(out, dict):
-                raise RuntimeError("label passthrough needs output_dict=True models (open_clip_train uses them)")
-            out["image_labels"] = image_labels
-            out["text_labels"] = text_labels
-        return out
-
-
-_PASSTHROUGH_CLASSES: dict[type, type] = {}
-
-
-def passthrough_class(base: type) -> type:
-    """`Medclip<Base>`: the label-passthrough subclass of an OpenCLIP model class (cached, no new state)."""
-    if base not in _PASSTHROUGH_CLASSES:
-        _PASSTHROUGH_CLASSES[base] = type(f"Medclip{base.__name__}", (LabelPassthroughMixin, base), {})
-    return _PASSTHROUGH_CLASSES[base]
-
-
-def enable_label_passthrough(clip_model: torch.nn.Module, context_length: int = 77) -> torch.nn.Module:
-    """Swap `clip_model`'s class in place; valid because the subclass adds no parameters or buffers."""
-    base = type(clip_model)
-    if isinstance(clip_model, LabelPassthroughMixin):
-        clip_model.medclip_context_length = context_length
-        return clip_model
-    if base not in (model.CustomTextCLIP, model.CLIP):
-        raise TypeError(f"label passthrough supports CLIP and CustomTextCLIP models, not {base.__name__}")
-    state_before = set(clip_model.state_dict())
-    clip_model.__class__ = passthrough_class(base)
-    clip_model.medclip_context_length = context_length
-    assert set(clip_model.state_dict()) == state_before
-    return clip_model
-
-
-def model_context_length(model_name: str, force_context_length: int | None = None) -> int:
-    """Token width of the model's tokenizer (before any per-batch trimming)."""
-    if force_context_length:
-        return int(force_context_length)
-    config = factory.get_model_config(model_name)
-    if config and config.get("text_cfg", {}).get("context_length"):
-        return int(config["text_cfg"]["context_length"])
-    return int(open_clip.get_tokenizer(model_name).context_length)
-
-
-def text_pooler_type(model_name: str | None) -> str | None:
-    """The `hf_pooler_type` of `--model`'s config (OpenCLIP name or `local-dir:`), None if it has none."""
-    if not model_name:
-        return None
-    config = None
-    if model_name.startswith("local-dir:"):
-        import json
-
-        path = os.path.join(model_name[len("local-dir:"):], "open_clip_config.json")
-        try:
-            with open(path) as handle:
-                config = json.load(handle).get("model_cfg")
-        except (OSError, ValueError):
-            return None
-    else:
-        config = factory.get_model_config(model_name)
-    return ((config or {}).get("text_cfg") or {}).get("hf_pooler_type")
-
-
-def is_medclip_config(model_name: str | None) -> bool:
-    """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
-    return text_pooler_type(model_name) in ("medclip_pooler", "medclip_masked_pooler")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# MedCLIP shards: a cheap look at the first sample of the first shard
-# ----------------------------------------------------------------------------------------------------------------
-def _is_tar_data(path, dataset_type: str) -> bool:
-    if dataset_type == "webdataset":
-        return True
-    return dataset_type == "auto" and isinstance(path, str) and path.split(".")[-1] == "tar"
-
-
-def first_shard(train_data: str) -> str | None:
-    try:
-        urls, _ = open_clip_train.data.expand_urls(train_data)
-    except Exception:  # malformed brace notation etc.: the trainer reports it itself
-        return None
-    return urls[0] if urls else None
-
-
-def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float | None = None) -> bool:
-    """True when the first `.json` member of shard `url` is a MedCLIP sample record (`kind` and `labels`).
-
-    Reads one shard's first members through `openclip_data.open_url` (local paths, `pipe:`, http(s) and fsspec
-    URLs; remote reads with the --medclip-shard-timeout). A shard that cannot be read at all (server down, HTTP
-    error, stalled, a failing `pipe:` command) raises `ShardSourceError`: treating it as plain OpenCLIP data would
-    train the wrong way, silently. A readable file that is not a tar, or holds no MedCLIP record, is plain data.
-    """
-    import json
-
-    from open_clip_medclip.plugins.openclip_data import open_url
-
-    from open_clip_medclip.shards.format import KINDS
-    from open_clip_medclip.streams import ShardFailurePolicy, is_remote_url
-
-    if timeout is None and is_remote_url(url):
-        timeout = ShardFailurePolicy.from_args().timeout
-    stream = None
-    try:
-        stream = open_url(url, timeout)
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for count, member in enumerate(archive):
-                if count >= max_members:
-                    return False
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                handle = archive.extractfile(member)
-                record = json.loads(handle.read().decode("utf-8")) if handle else None
-                return isinstance(record, dict) and record.get("kind") in KINDS and "labels" in record
-    except (tarfile.TarError, ValueError, UnicodeDecodeError):
-        return False
-    except OSError as exc:  # TimeoutError included
-        if not is_remote_url(url):
-            return False  # a local file: the trainer names it itself
-        raise ShardSourceError(
-            f"cannot read the first shard {url} to tell MedCLIP shards from plain OpenCLIP data: "
-            f"{type(exc).__name__}: {exc}; check that the shard source is up, then rerun") from None
-    finally:
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.close()
-    return False
-
-
-def data_has_medclip_labels(args) -> tuple[bool, str | None]:
-    """(are the data MedCLIP shards, the first shard looked at): `--train-data`, else `--val-data`."""
-    data = getattr(args, "train_data", None) or getattr(args, "val_data", None)
-    if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
-        return False, None
-    url = first_shard(data)
-    timeout = getattr(args, "medclip_shard_timeout", None)
-    return (bool(url) and shard_carries_medclip_labels(url, timeout=timeout)), url
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CPU DDP shim
-# ----------------------------------------------------------------------------------------------------------------
-_OriginalDDP = torch.nn.parallel.DistributedDataParallel
-
-
-class CpuFriendlyDDP(_OriginalDDP):
-    """DistributedDataParallel that ignores `device_ids` for CPU modules.
-
-    open_clip_train 3.3 always passes `device_ids=[device]`; torch rejects that for CPU modules, so multi-process
-    CPU runs (gloo, CI) fail without this. GPU behaviour is unchanged.
-    """
-
-    def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
-        if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
-            device_ids, output_device = None, None
-        super().__init__(module, device_ids, output_device, *args, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Crash-safe checkpoints, fused AdamW, quiet third-party loggers
-# ----------------------------------------------------------------------------------------------------------------
-class TrainerTorch(types.ModuleType):
-    """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically; `saved` lists
-    the paths written (the run's checkpoints)."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-        self.saved: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def save(self, obj, f, *args, **kwargs):
-        checkpoints.atomic_save(obj, f, save=lambda o, handle: torch.save(o, handle, *args, **kwargs))
-        if isinstance(f, (str, os.PathLike)):
-            self.saved.append(os.fspath(f))
-
-
-def fused_adamw_kwargs(params, kwargs: dict) -> tuple[list, dict]:
-    """(params as a list, kwargs with `fused=True` when every parameter is a floating CUDA tensor)."""
-    params = list(params)
-    if "fused" in kwargs or "foreach" in kwargs or not torch.cuda.is_available():
-        return params, kwargs
-    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-    if tensors and all(isinstance(t, torch.Tensor) and t.is_cuda and t.is_floating_point() for t in tensors):
-        kwargs = {**kwargs, "fused": True}
-    return params, kwargs
-
-
-class TrainerOptim(types.ModuleType):
-    """`torch.optim` as the trainer's module sees it during a MedCLIP run: AdamW is fused on CUDA."""
-
-    def __init__(self) -> None:
-        super().__init__("torch.optim")
-
-    def __getattr__(self, name):
-        return getattr(torch.optim, name)
-
-    @staticmethod
-    def AdamW(params, *args, **kwargs):  # noqa: N802 (torch's name)
-        params, kwargs = fused_adamw_kwargs(params, kwargs)
-        return torch.optim.AdamW(params, *args, **kwargs)
-
-
-_KEEP_TRAINER_LEVEL = ("open_clip", "webdataset")  # open_clip, open_clip_train, open_clip_medclip
-
-
-def _setup_logging(original: Callable) -> Callable:
-    def setup_logging(log_file, level, include_host=False):
-        before = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
-                  if isinstance(logger, logging.Logger)}
-        original(log_file, level, include_host=include_host)
-        if level > logging.DEBUG:  # --debug keeps the trainer's everything-at-DEBUG
-            for name, logger in list(logging.root.manager.loggerDict.items()):
-                # placeholders (e.g. 'torch._subclasses') became loggers at INFO: they go back to NOTSET
-                if isinstance(logger, logging.Logger) and not name.startswith(_KEEP_TRAINER_LEVEL):
-                    logger.setLevel(before.get(name, logging.NOTSET))
-
-    return setup_logging
-
-
-def _get_latest_checkpoint(original: Callable, natural_key: Callable) -> Callable:
-    def get_latest_checkpoint(path: str, remote: bool):
-        if remote:
-            return original(path, remote)
-        candidates = sorted(glob.glob(path + "**/*.pt", recursive=True), key=natural_key)
-        chosen, skipped = checkpoints.newest_readable(candidates)
-        if skipped:
-            logging.warning(
-                "--resume latest: skipped %d unreadable checkpoint(s): %s; %s", len(skipped),
-                checkpoints.describe_skipped(skipped),
-                f"resuming from {chosen}" if chosen else "no readable checkpoint left, starting from scratch",
-            )
-        return chosen
-
-    return get_latest_checkpoint
-
-
-def _pt_load(original: Callable) -> Callable:
-    def pt_load(file_path, map_location=None):
-        if isinstance(file_path, (str, os.PathLike)) and os.path.isfile(file_path):
-            reason = checkpoints.unreadable_reason(os.fspath(file_path))
-            if reason:
-                raise RuntimeError(f"--resume {file_path}: the checkpoint is {reason}; pass an intact checkpoint, "
-                                   "or --resume latest (it skips unreadable files)")
-        return original(file_path, map_location=map_location)
-
-    return pt_load
+install_webdataset_fix()  # every model (see the module docstring)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The patched functions
 # ----------------------------------------------------------------------------------------------------------------
-def seed_epoch(args, epoch: int) -> None:
-    """Seed python, numpy and torch from (seed, rank, epoch) at each epoch start.
-
-    open_clip_train seeds once per process, so a resumed run's dropout and augmentation draws differ from the
-    uninterrupted run's; per-epoch seeds (with the seeded medclip streams) make epoch N identical either way.
-    """
-    import random
-
-    import numpy as np
-
-    seed = random.Random(f"medclip-epoch:{args.seed}:{getattr(args, 'rank', 0)}:{epoch}").getrandbits(63)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 ZeroShotHook = Callable[..., dict]
 _ZERO_SHOT_HOOKS: list[ZeroShotHook] = []
 
@@ -470,9 +173,9 @@ class _Run:
     crash-safe checkpoints, logging and seeding of a MedCLIP run.
     """
 
-    def __init__(self, medclip_args, streams: bool = True, data_note: str | None = None,
+    def __init__(self, options: MedclipOptions, streams: bool = True, data_note: str | None = None,
                  front_door: str = "medclip") -> None:
-        self.medclip_args = medclip_args
+        self.options = options
         self.front_door = front_door  # "medclip" (`medclip train`) or "host" (plain open_clip_train.main)
         self.streams = streams
         self.data_note = data_note
@@ -486,8 +189,7 @@ class _Run:
 
     def parse_args(self, argv):
         args = _ORIGINAL.parse_args(argv)
-        for key, value in vars(self.medclip_args).items():
-            setattr(args, key, value)
+        self.options.store(args)
         self.args = args
         if self.streams and _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
             preflight(args, "medclip train")
@@ -496,14 +198,13 @@ class _Run:
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
         clip_model, preprocess_train, preprocess_val = _ORIGINAL.create_model_and_transforms(model_name, *pos, **kwargs)
         inner = clip_model.module if hasattr(clip_model, "module") else clip_model
-        if getattr(self.medclip_args, "medclip_padding_free", False):
+        if self.options.padding_free:
             enable_padding_free_text(inner)
             logging.info("open_clip_medclip: %s text tower runs padding-free (--medclip-padding-free)", model_name)
         if not self.streams:
             return clip_model, preprocess_train, preprocess_val
-        context_length = model_context_length(model_name, kwargs.get("force_context_length"))
-        enable_label_passthrough(inner, context_length)
-        if getattr(self.medclip_args, "medclip_augment", "medclip") == "medclip":
+        enable_label_passthrough(inner)
+        if self.options.augment == "medclip":
             cfg = model.get_model_preprocess_cfg(inner)
             size = cfg.get("size", 224)
             size = size[0] if isinstance(size, (tuple, list)) else size
@@ -516,14 +217,14 @@ class _Run:
             return (f"open_clip_medclip: plain InfoNCE (OpenCLIP's ClipLoss on OpenCLIP's streams): {args.model} is a "
                     f"MedCLIP model but the training data carry no MedCLIP labels ({self.data_note}); build MedCLIP "
                     "shards with `medclip shards build` for the semantic matching loss")
-        augment = getattr(args, "medclip_augment", "medclip")
-        if getattr(args, "medclip_loss", "soft") == "clip":
+        options = MedclipOptions.from_args(args)
+        if options.loss == "clip":
             what = "plain InfoNCE (--medclip-loss clip)"
         else:
-            what = (f"the semantic matching loss (label similarity {getattr(args, 'medclip_label_similarity', 'dot')},"
-                    f" uncertain labels as {getattr(args, 'medclip_uncertain', 'zeros')})")
+            what = (f"the semantic matching loss (label similarity {options.label_similarity},"
+                    f" uncertain labels as {options.uncertain})")
         return (f"open_clip_medclip: training {args.model} with {what} on MedCLIP label-aware streams, "
-                f"{augment} augmentation")
+                f"{options.augment} augmentation")
 
     def create_loss(self, args):
         from open_clip_train.distributed import is_master
@@ -532,7 +233,7 @@ class _Run:
             logging.info(self.announce(args))
         if not self.streams:
             return _ORIGINAL.create_loss(args)
-        return create_medclip_loss(args)
+        return create_medclip_loss(args, self.options)
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
         self.tokenizer = tokenizer
@@ -628,10 +329,10 @@ def _restore(namespace: dict, saved: dict) -> None:
 
 
 @contextlib.contextmanager
-def patched_trainer(medclip_args, namespace: dict | None = None) -> Iterator[_Run]:
+def patched_trainer(options: MedclipOptions, namespace: dict | None = None) -> Iterator[_Run]:
     """Rebind the trainer's entry points for the duration of one run; restored on exit, even after errors."""
     namespace = vars(open_clip_train.main) if namespace is None else namespace
-    run = _Run(medclip_args)
+    run = _Run(options)
     root_logger = logging.getLogger()
     handlers_before = list(root_logger.handlers)
     # setup_logging also sets the level of every logger that exists (torch's too); restore them all afterwards.
@@ -674,10 +375,10 @@ class _ErrorLines:
         return getattr(self.stream, name)
 
 
-def run_trainer(trainer_argv: list[str], medclip_args) -> _Run:
+def run_trainer(trainer_argv: list[str], options: MedclipOptions) -> _Run:
     """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place; the run says what
     happened (`args`, `host_result`, `host_messages`, `epochs_run`, `steps`, `torch.saved`)."""
-    with patched_trainer(medclip_args) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
+    with patched_trainer(options) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
         run.host_result = open_clip_train.main.main(trainer_argv)
     return run
 
@@ -686,42 +387,6 @@ def run_trainer(trainer_argv: list[str], medclip_args) -> _Run:
 # Plain `python -m open_clip_train.main` (autoload): decide per run from --model and --train-data
 # ----------------------------------------------------------------------------------------------------------------
 _HOST_INSTALLED: dict[int, tuple[dict, dict, ZeroShotHook | None]] = {}
-
-
-def medclip_options_parser() -> argparse.ArgumentParser:
-    from open_clip_medclip.train import add_medclip_options
-
-    parser = argparse.ArgumentParser(
-        prog="open_clip_train.main", usage=argparse.SUPPRESS, add_help=False, allow_abbrev=False,
-        description="open_clip_medclip (autoload): with --model medclip-* and MedCLIP shards this trainer uses the "
-        "semantic matching loss on label-aware streams; the flags below tune it. OpenCLIP's own options follow.")
-    add_medclip_options(parser)
-    return parser
-
-
-def host_refusal(message: str, exit_code: int = USER_ERROR_EXIT_CODE):
-    """Plain `open_clip_train.main` (autoload) refuses in one line, argparse style, exit 2 (or `exit_code`)."""
-    print(f"open_clip_train.main: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(exit_code)
-
-
-@contextlib.contextmanager
-def _refused_on_one_line():
-    try:
-        yield
-    except UserError as exc:
-        host_refusal(str(exc), exc.exit_code)
-
-
-def preflight(args, program: str) -> None:
-    """`streams.preflight_shards` with the world size the trainer will find (torchrun/SLURM/MPI environment):
-    missing shards and too few shards for ranks x workers are one line before the model is built."""
-    from open_clip_train.distributed import world_info_from_env
-
-    _, rank, world_size = world_info_from_env()
-    note = preflight_shards(args, max(1, world_size))
-    if note and rank == 0:
-        print(f"{program}: note: {note}", file=sys.stderr, flush=True)
 
 
 def is_trainer_namespace(namespace: dict) -> bool:
@@ -744,7 +409,8 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         parser.print_help()
         print()
         return original(argv)
-    medclip_args, rest = parser.parse_known_args(argv)
+    parsed, rest = parser.parse_known_args(argv)
+    options = MedclipOptions.from_args(parsed)
     args = original(rest)
     if not is_medclip_config(args.model):
         given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
@@ -752,11 +418,10 @@ def host_parse_args(original: Callable, argv, namespace: dict):
             host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
                          "(open_clip_medclip autoload)")
         return args
-    if medclip_args.medclip_padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
+    if options.padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
         host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
                      "(medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)")
-    for key, value in vars(medclip_args).items():
-        setattr(args, key, value)
+    options.store(args)
     if _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
         with _refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
             check_shards_exist("--train-data", args.train_data)
@@ -767,33 +432,13 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         with _refused_on_one_line():
             preflight(args, "open_clip_train.main")
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
-    run = _Run(medclip_args, streams=labelled, data_note=note, front_door="host")
+    run = _Run(options, streams=labelled, data_note=note, front_door="host")
     run.args = args
     hook = None
-    if labelled and medclip_args.medclip_zeroshot_suite:
-        from open_clip_medclip.train import suite_zero_shot_hook
-
-        hook = register_zero_shot_eval(suite_zero_shot_hook(medclip_args.medclip_zeroshot_suite))
+    if labelled and options.zeroshot_suite:
+        hook = register_zero_shot_eval(suite_zero_shot_hook(options.zeroshot_suite))
     saved = _install(namespace, run.namespace_replacements(namespace, with_parse_args=False))
     _HOST_INSTALLED[id(namespace)] = (namespace, saved, hook)
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Host pieces the library needs outside a training run (so no module outside plugins/ imports open_clip_train)
-# ----------------------------------------------------------------------------------------------------------------
-def trainer_parse_args(argv: list[str]):
-    """open_clip_train's own argument parser (flag checks and `medclip train --help`)."""
-    return open_clip_train.params.parse_args(argv)
-
-
-def get_autocast(precision: str, device_type: str = "cuda"):
-    """open_clip_train's autocast factory for a `--precision` value."""
-    return open_clip_train.precision.get_autocast(precision, device_type=device_type)
-
-
-def eval_preprocess(clip_model: torch.nn.Module):
-    """The evaluation image transform a model's own preprocess config describes."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**clip_model.visual.preprocess_cfg), is_train=False)

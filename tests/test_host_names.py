@@ -361,3 +361,24 @@ handle = webdataset.gopen("x")
         found = check_source(source, "bad.py", public)
         assert len(found) == 1 and expected in found[0].what, (source, [str(v) for v in found])
         assert found[0].line == source.count("\n") + 1, (source, found)
+
+
+def _hosts_imported(tree: ast.Module) -> set[str]:
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            roots.add(node.module.split(".")[0])
+    return roots & set(HOSTS)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "plugins").glob("*.py") if p.name != "__init__.py"),
+                         ids=lambda p: p.name)
+def test_each_glue_module_says_which_host_names_it_touches(path: Path):
+    """Issue 23: the glue is split by job, and each module's docstring names the hosts it touches."""
+    tree = ast.parse(path.read_text())
+    docstring = ast.get_docstring(tree) or ""
+    unnamed = [host for host in sorted(_hosts_imported(tree)) if f"{host}." not in docstring
+               and f"`{host}`" not in docstring]
+    assert docstring and not unnamed, f"{path.name}: docstring does not name {unnamed}"

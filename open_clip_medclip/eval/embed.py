@@ -145,7 +145,7 @@ def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str
     reference pooler averages padding, so its embeddings depend on the width).
     """
     from open_clip_medclip.models import pools_without_padding
-    from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens
+    from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens
 
     model = unwrap(model)
     multiple = 8 if pools_without_padding(model) else 0

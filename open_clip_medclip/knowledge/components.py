@@ -17,7 +17,7 @@ same scope functions directly (its fast path) without building Docs. With `scisp
 the pipeline starts from a scispaCy model and `medclip_mentions` also reads linked UMLS entities.
 
 This module does not import spaCy: the component classes work on plain strings (the fast path) and on Docs
-(their `__call__`); spaCy is imported by `build_pipeline` and by `knowledge/factories.py`.
+(their `__call__`); spaCy is imported by `knowledge/factories.py` (which also builds the pipeline).
 """
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ from open_clip_medclip.knowledge.rules import (
 )
 from open_clip_medclip.knowledge.text import Section, SectionSplitter, SentenceSplitter
 
-if TYPE_CHECKING:  # spaCy is imported only when a pipeline is built (`build_pipeline`), never by the fast path
-    from spacy.language import Language
+if TYPE_CHECKING:  # spaCy is imported only when a pipeline is built (`factories.build_pipeline`), never by the fast path
     from spacy.tokens import Doc, Span
 
 PIPELINE = ("medclip_sections", "medclip_sentences", "medclip_mentions", "medclip_negation", "medclip_uncertainty",
@@ -290,65 +289,3 @@ class LabelsComponent:
         doc._.medclip_sentence_labels = sentence_labels
         doc._.medclip_labels = aggregate_report([(labels, other) for _, labels, other in sentence_labels])
         return doc
-
-
-def pipeline_config(rules_dir: str | Path | None = None,
-                    label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS) -> str:
-    """The default pipeline as a spaCy config string (blank English tokenizer + the 7 components)."""
-    rules = "null" if rules_dir is None else '"' + str(rules_dir).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    sections = "[" + ", ".join(f'"{name}"' for name in label_sections) + "]"
-    lines = ["[nlp]", 'lang = "en"', "pipeline = [" + ", ".join(f'"{name}"' for name in PIPELINE) + "]", "",
-             "[components]", ""]
-    for name in PIPELINE:
-        lines.append(f"[components.{name}]")
-        lines.append(f'factory = "{name}"')
-        if name != "medclip_labels":
-            lines.append(f"rules_dir = {rules}")
-        if name == "medclip_sections":
-            lines.append(f"label_sections = {sections}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def build_pipeline(rules_dir: str | Path | None = None, label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS,
-                   scispacy_model: str | None = None, umls_linker: bool = False) -> Language:
-    """The labeling pipeline: from `pipeline_config` (blank English), or on top of an installed scispaCy model.
-
-    `scispacy_model` (e.g. "en_core_sci_sm") and `umls_linker` need those packages/models installed; they are
-    never downloaded here. Raises a clear error when they are missing.
-    """
-    import spacy
-
-    from open_clip_medclip.knowledge import factories  # noqa: F401  (registers the medclip_* factories)
-
-    if scispacy_model is None and not umls_linker:
-        config = spacy.util.load_config_from_str(pipeline_config(rules_dir, label_sections))
-        return spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
-    model = scispacy_model or "en_core_sci_sm"
-    try:
-        nlp = spacy.load(model)
-    except OSError as exc:
-        raise RuntimeError(f"scispaCy model {model!r} is not installed (pip install 'open_clip_medclip[scispacy]', "
-                           f"then the model from the scispaCy releases page); the default labeler does not need "
-                           f"it") from exc
-    if umls_linker:
-        try:
-            import scispacy.linking  # noqa: F401  (registers the 'scispacy_linker' factory)
-        except ImportError as exc:
-            raise RuntimeError("scispaCy's UMLS linker needs scispaCy, an optional extra: pip install "
-                               "'open_clip_medclip[scispacy]'") from exc
-        try:
-            nlp.add_pipe("scispacy_linker", config={"resolve_abbreviations": False, "linker_name": "umls"})
-        except Exception as exc:  # the linker downloads its index on first use; offline this fails
-            raise RuntimeError(f"cannot load scispacy's UMLS linker (its knowledge base must be cached locally): "
-                               f"{exc}") from exc
-    for name in PIPELINE:
-        config: dict = {}
-        if name != "medclip_labels":
-            config["rules_dir"] = None if rules_dir is None else str(rules_dir)
-        if name == "medclip_sections":
-            config["label_sections"] = list(label_sections)
-        if name == "medclip_mentions":
-            config["use_umls_entities"] = umls_linker
-        nlp.add_pipe(name, config=config)
-    return nlp

@@ -1,16 +1,20 @@
 """The `medclip_*` spaCy factories and the Doc/Span extensions the components fill.
 
-Imported (with spaCy) only when a spaCy pipeline is built: `components.build_pipeline`, or spaCy loading the
+Imported (with spaCy) only when a spaCy pipeline is built: `build_pipeline` here, or spaCy loading the
 `spacy_factories` entry points (setup.cfg names these `make_*`). The labeler's fast path uses the component
 classes in `components` without spaCy, so `medclip label` starts without importing spaCy (or, via thinc, torch).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 from spacy.language import Language
 from spacy.tokens import Doc, Span
 
 from open_clip_medclip.knowledge.components import (
     DEFAULT_LABEL_SECTIONS,
+    PIPELINE,
     LabelsComponent,
     MentionsComponent,
     NegationComponent,
@@ -71,3 +75,63 @@ def make_scope(nlp: Language, name: str, rules_dir: str | None) -> ScopeComponen
 @Language.factory("medclip_labels", default_config={})
 def make_labels(nlp: Language, name: str) -> LabelsComponent:
     return LabelsComponent()
+
+
+def pipeline_config(rules_dir: str | Path | None = None,
+                    label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS) -> str:
+    """The default pipeline as a spaCy config string (blank English tokenizer + the 7 components)."""
+    rules = "null" if rules_dir is None else '"' + str(rules_dir).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    sections = "[" + ", ".join(f'"{name}"' for name in label_sections) + "]"
+    lines = ["[nlp]", 'lang = "en"', "pipeline = [" + ", ".join(f'"{name}"' for name in PIPELINE) + "]", "",
+             "[components]", ""]
+    for name in PIPELINE:
+        lines.append(f"[components.{name}]")
+        lines.append(f'factory = "{name}"')
+        if name != "medclip_labels":
+            lines.append(f"rules_dir = {rules}")
+        if name == "medclip_sections":
+            lines.append(f"label_sections = {sections}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_pipeline(rules_dir: str | Path | None = None, label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS,
+                   scispacy_model: str | None = None, umls_linker: bool = False) -> Language:
+    """The labeling pipeline: from `pipeline_config` (blank English), or on top of an installed scispaCy model.
+
+    `scispacy_model` (e.g. "en_core_sci_sm") and `umls_linker` need those packages/models installed; they are
+    never downloaded here. Raises a clear error when they are missing.
+    """
+    import spacy
+
+    if scispacy_model is None and not umls_linker:
+        config = spacy.util.load_config_from_str(pipeline_config(rules_dir, label_sections))
+        return spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
+    model = scispacy_model or "en_core_sci_sm"
+    try:
+        nlp = spacy.load(model)
+    except OSError as exc:
+        raise RuntimeError(f"scispaCy model {model!r} is not installed (pip install 'open_clip_medclip[scispacy]', "
+                           f"then the model from the scispaCy releases page); the default labeler does not need "
+                           f"it") from exc
+    if umls_linker:
+        try:
+            import scispacy.linking  # noqa: F401  (registers the 'scispacy_linker' factory)
+        except ImportError as exc:
+            raise RuntimeError("scispaCy's UMLS linker needs scispaCy, an optional extra: pip install "
+                               "'open_clip_medclip[scispacy]'") from exc
+        try:
+            nlp.add_pipe("scispacy_linker", config={"resolve_abbreviations": False, "linker_name": "umls"})
+        except Exception as exc:  # the linker downloads its index on first use; offline this fails
+            raise RuntimeError(f"cannot load scispacy's UMLS linker (its knowledge base must be cached locally): "
+                               f"{exc}") from exc
+    for name in PIPELINE:
+        config: dict = {}
+        if name != "medclip_labels":
+            config["rules_dir"] = None if rules_dir is None else str(rules_dir)
+        if name == "medclip_sections":
+            config["label_sections"] = list(label_sections)
+        if name == "medclip_mentions":
+            config["use_umls_entities"] = umls_linker
+        nlp.add_pipe(name, config=config)
+    return nlp

@@ -31,7 +31,6 @@ from open_clip_medclip.knowledge.components import (
     SectionsComponent,
     SentencesComponent,
     UncertaintyComponent,
-    build_pipeline,
 )
 from open_clip_medclip.knowledge.matching import (
     aggregate_report,
@@ -111,6 +110,8 @@ class Labeler:
     def nlp(self):
         """The spaCy pipeline (built on first use: importing spaCy also imports torch through thinc)."""
         if self._nlp is None:
+            from open_clip_medclip.knowledge.factories import build_pipeline
+
             self._nlp = build_pipeline(self._rules_dir_arg, self.options["sections"], self.options["scispacy_model"],
                                        self.options["umls_linker"])
         return self._nlp

@@ -40,7 +40,7 @@ from benchresults import rss_mb  # noqa: E402
 
 from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS  # noqa: E402
 from open_clip_medclip.labels import BLANK_CODE  # noqa: E402
-from open_clip_medclip.streams import SentenceBank  # noqa: E402
+from open_clip_medclip.streams.bank import SentenceBank  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_bank.json"
 NF = FINDING_INDEX["No Finding"]

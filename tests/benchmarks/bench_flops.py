@@ -7,7 +7,7 @@ The CPU proxy of issue 15's GPU goal: batches of `--batch-size` sentences drawn 
 bundled IU reports' labelled sentences, tokenized by the model's tokenizer (Bio_ClinicalBERT's, bundled):
 - `padded_77`: every batch 77 tokens wide (OpenCLIP's tokenizer);
 - `trimmed`: each batch as wide as its longest text, rounded up to the training stream's multiple for this model
-  (`--text-multiple auto`, the stream's own rule `streams.text_multiple_for`: 1, i.e. exactly the longest text,
+  (`--text-multiple auto`, the stream's own rule `text_width.text_multiple_for`: 1, i.e. exactly the longest text,
   for MedCLIP's reference pooler as in the authors' collator; 8 for masked poolers), at most 77;
 - `trimmed_multiple_8`: the same rounded up to a multiple of 8 (shown when the model's multiple is not 8);
 - `bucketed`: `--bucket-pool` batches' worth of samples sorted by length and cut into batches (length bucketing),
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchresults import add_output_arguments, write_results  # noqa: E402
 
-from open_clip_medclip.streams import token_lengths as row_lengths  # noqa: E402
-from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens, trimmed_width  # noqa: E402
+from open_clip_medclip.text_width import token_lengths as row_lengths  # noqa: E402
+from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens, trimmed_width  # noqa: E402
 
 SAMPLE_REPORTS = Path(__file__).resolve().parents[2] / "open_clip_medclip" / "sample_data" / "iu_reports" / \
     "NLMCXR_reports.tgz"
@@ -185,7 +185,7 @@ def direct_step_flops(model, tokenizer, sentences: list[str], batch: int, image_
     labels[:, 0] = 1
     texts = pack_batch(trimmed, labels, labels)
     images = torch.zeros(batch, 3, image_size, image_size)
-    openclip_train.enable_label_passthrough(model, tokens.shape[1])
+    openclip_train.enable_label_passthrough(model)
     model.zero_grad(set_to_none=True)
     flops = _count(lambda: SemanticMatchingLoss()(**model(images, texts)))
     return trimmed.shape[1], flops
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import open_clip_medclip  # noqa: F401  (registers the models)
     from open_clip_medclip import models
-    from open_clip_medclip.streams import text_multiple_for
+    from open_clip_medclip.text_width import text_multiple_for
 
     multiple = text_multiple_for(argparse.Namespace(model=args.model, medclip_text_multiple=args.text_multiple))
     if multiple <= 0:

@@ -103,7 +103,7 @@ def loader_args(data: str, workers: int, batch_size: int, num_samples: int | Non
 
 def build(kind: str, args, transform, tokenizer):
     if kind == "stream":
-        from open_clip_medclip.streams import get_medclip_wds_dataset
+        from open_clip_medclip.streams.stages import get_medclip_wds_dataset
 
         return get_medclip_wds_dataset(args, transform, is_train=True, tokenizer=tokenizer)
     import open_clip_train.data as ocd

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flops import iu_sentences  # noqa: E402
 from benchresults import add_output_arguments, write_results  # noqa: E402
 
-from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens  # noqa: E402
+from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens  # noqa: E402
 
 LAYOUTS = ("padded_77", "trimmed", "padding_free")
 

@@ -29,9 +29,10 @@ from open_clip_medclip.plugins import openclip_train
 from PIL import Image
 
 import open_clip_medclip  # noqa: F401  (registers the models)
+from open_clip_medclip.augment import medclip_train_transform
 from open_clip_medclip.labels import pack_batch
 from open_clip_medclip.loss import SemanticMatchingLoss
-from open_clip_medclip.streams import get_medclip_wds_dataset, medclip_train_transform
+from open_clip_medclip.streams.stages import get_medclip_wds_dataset
 
 SAMPLE = Path(open_clip_medclip.__file__).resolve().parent / "sample_data"
 
@@ -50,7 +51,7 @@ def build_sample_shards(out: Path) -> tuple[str, str]:
 def training_step_ratio(model_name: str, batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, output_dict=True)
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     model.train()
     size = open_clip.get_model_preprocess_cfg(model)["size"]
     size = size[0] if isinstance(size, (tuple, list)) else size

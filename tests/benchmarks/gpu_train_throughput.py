@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, output_dict=True, device=device)
-    openclip_train.enable_label_passthrough(model, openclip_train.model_context_length(args.model))
+    openclip_train.enable_label_passthrough(model)
     fused_swin = 0 if args.no_fused_swin else models.enable_fused_attention(model)
     text_attention = getattr(getattr(getattr(model, "text", None), "transformer", None), "config", None)
     text_attention = getattr(text_attention, "_attn_implementation", None)

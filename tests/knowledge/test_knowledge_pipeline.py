@@ -7,7 +7,8 @@ import pytest
 import spacy
 
 from open_clip_medclip.knowledge import Labeler, iter_reports, rules_hash
-from open_clip_medclip.knowledge.components import PIPELINE, build_pipeline, pipeline_config
+from open_clip_medclip.knowledge.components import PIPELINE
+from open_clip_medclip.knowledge.factories import build_pipeline, pipeline_config
 from open_clip_medclip.knowledge.rules import DEFAULT_RULES_DIR, RuleFileError, expand_alternatives
 
 

@@ -15,6 +15,7 @@ from open_clip_medclip.plugins import openclip_train
 
 from open_clip_medclip import checkpoints
 from open_clip_medclip import train as medclip_train
+from open_clip_medclip.options import MedclipOptions
 
 _SAVER = r'''
 import sys, time
@@ -147,7 +148,7 @@ def test_trainer_namespace_is_patched_for_a_run_and_restored():
     import open_clip_train.main as host_main
 
     before = (host_main.torch, host_main.optim, host_main.get_latest_checkpoint, host_main.pt_load)
-    with openclip_train.patched_trainer(medclip_train.build_parser().parse_args([])):
+    with openclip_train.patched_trainer(MedclipOptions()):
         assert isinstance(host_main.torch, openclip_train.TrainerTorch)
         assert host_main.torch.nn is torch.nn and host_main.torch.cuda is torch.cuda
         assert isinstance(host_main.optim, openclip_train.TrainerOptim)

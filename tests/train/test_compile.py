@@ -27,7 +27,7 @@ def _tiny_model(seed: int = 0):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     return model
 
 

@@ -97,7 +97,7 @@ def _frozen_tiny_model():
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return openclip_train.enable_label_passthrough(model, 77)
+    return openclip_train.enable_label_passthrough(model)
 
 
 def _model_batch():
@@ -113,7 +113,7 @@ def _model_batch():
 
 
 def _model_worker(rank: int, port: int, local_loss: bool, out_dir: str) -> None:
-    from open_clip_medclip.plugins.openclip_train import CpuFriendlyDDP
+    from open_clip_medclip.plugins.trainer_shims import CpuFriendlyDDP
     from safetensors.torch import save_file
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)

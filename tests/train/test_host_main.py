@@ -184,7 +184,7 @@ def _expander_with_markers(data, handler=None, **kwargs):
 
 def test_end_of_shard_markers_crash_open_clip_train_and_the_glue_drops_them(tmp_path: Path, monkeypatch):
     import open_clip_train.data as host_data
-    from open_clip_medclip.plugins import openclip_train
+    from open_clip_medclip.plugins import trainer_shims
 
     shard = str(_plain_shard(tmp_path / "plain-000000.tar", count=5))
 
@@ -195,8 +195,8 @@ def test_end_of_shard_markers_crash_open_clip_train_and_the_glue_drops_them(tmp_
     with pytest.raises(KeyError, match="fname"):  # the fault of issue 10, as open_clip_train 3.3 meets it
         list(host_data.tarfile_to_samples_nothrow([{"url": shard}], handler=reraise))
 
-    monkeypatch.setattr(openclip_train, "_ORIGINAL_TAR_FILE_EXPANDER", _expander_with_markers)
-    monkeypatch.setattr(host_data, "tar_file_expander", openclip_train.tar_file_expander_without_markers)
+    monkeypatch.setattr(trainer_shims, "_ORIGINAL_TAR_FILE_EXPANDER", _expander_with_markers)
+    monkeypatch.setattr(host_data, "tar_file_expander", trainer_shims.tar_file_expander_without_markers)
     samples = list(host_data.tarfile_to_samples_nothrow([{"url": shard}, {"url": shard}], handler=reraise))
     assert [s["__key__"] for s in samples] == [f"s{i:03d}" for i in range(5)] * 2
     assert all(set(s) >= {"jpg", "txt"} for s in samples)

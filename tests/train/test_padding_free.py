@@ -15,7 +15,7 @@ from open_clip_medclip import models, padding_free
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.labels import pack_batch
 from open_clip_medclip.loss import SemanticMatchingLoss
-from open_clip_medclip.streams import tokenizer_pad_id, trim_tokens
+from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens
 
 # real IU-style sentences of very different lengths (one far longer than the rest), as a batch meets them
 SENTENCES = ["no pneumothorax is seen today .", "heart size normal .", "the lungs are clear .",
@@ -133,7 +133,7 @@ def test_compiled_padding_free_training_step_equals_eager():
     """torch.compile (the `--torchcompile` path) with label passthrough and the padding-free tower: eager's step."""
     torch._dynamo.reset()
     model = _tiny()
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     openclip_models.enable_padding_free_text(model)
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(2, (len(SENTENCES), 14), generator=g).float()

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from open_clip_medclip.streams import ShardFailurePolicy, ShardSourceError, get_medclip_wds_dataset
+from open_clip_medclip.streams.faults import ShardFailurePolicy, ShardSourceError
+from open_clip_medclip.streams.stages import get_medclip_wds_dataset
 from tests.train.faultserver import FaultServer
 
 FAST = dict(medclip_shard_retries=2, medclip_shard_timeout=1.0, medclip_shard_backoff=0.01,
@@ -118,7 +119,7 @@ def test_a_shard_that_recovers_is_read_once_without_duplicates(server, small_sha
 
 
 def test_policy_share_and_defaults_come_from_the_options():
-    from open_clip_medclip.train import SHARD_FAILURE_DEFAULTS
+    from open_clip_medclip.options import SHARD_FAILURE_DEFAULTS
 
     policy = ShardFailurePolicy.from_args(SimpleNamespace(world_size=2, workers=4), shards=100)
     assert policy.share == 13 and policy.retries == SHARD_FAILURE_DEFAULTS["retries"]
@@ -128,7 +129,7 @@ def test_policy_share_and_defaults_come_from_the_options():
 
 
 def _pipe_reader(**overrides):
-    from open_clip_medclip.streams import ShardReader, StreamStats
+    from open_clip_medclip.streams.stages import ShardReader, StreamStats
 
     policy = ShardFailurePolicy.from_args(_args("unused", **{**FAST, "medclip_shard_retries": 0,
                                                              "medclip_shard_max_failures": 1, **overrides}))
@@ -153,7 +154,7 @@ def test_a_stalled_pipe_command_is_killed_and_stops_the_stream(small_shards):
 def test_an_unreadable_first_shard_is_a_refusal_not_plain_data(server, small_shards, capsys):
     """The autoload reads the first shard to tell MedCLIP shards from plain OpenCLIP data; a shard server that
     answers 500 or is down used to make the run silently plain OpenCLIP data. Now: one line, exit 3."""
-    from open_clip_medclip.plugins.openclip_train import _refused_on_one_line, data_has_medclip_labels
+    from open_clip_medclip.plugins.host_args import _refused_on_one_line, data_has_medclip_labels
 
     args = SimpleNamespace(train_data=_remote(server, small_shards), val_data=None, dataset_type="auto",
                            medclip_shard_timeout=2.0)

@@ -25,7 +25,7 @@ def _args(data: str, **overrides) -> SimpleNamespace:
 
 
 def test_unmatched_pattern_and_wildcard_are_no_such_file(small_shards):
-    from open_clip_medclip.streams import preflight_shards
+    from open_clip_medclip.streams.plan import preflight_shards
 
     folder = small_shards["dir"]
     pattern = f"{folder}/train-{{000000..000009}}.tar"
@@ -40,7 +40,7 @@ def test_unmatched_pattern_and_wildcard_are_no_such_file(small_shards):
 
 
 def test_too_few_shards_caps_the_workers_or_says_what_to_do(small_shards):
-    from open_clip_medclip.streams import preflight_shards
+    from open_clip_medclip.streams.plan import preflight_shards
 
     one = small_shards["image"][0]
     args = _args(one, workers=4)

@@ -21,22 +21,16 @@ import webdataset as wds
 from open_clip_medclip.errors import UserError
 from open_clip_medclip.findings import FINDING_INDEX, NUM_FINDINGS
 from open_clip_medclip.labels import LabelError, pack_batch, unpack_batch, values_from_names
-from open_clip_medclip.streams import (
+from open_clip_medclip.streams.bank import (
     RULE_FALLBACK,
     RULE_NO_FINDING,
     RULE_OWN_REPORT,
     RULE_SHARED_FINDING,
-    BucketByLength,
-    PackBatch,
     SentenceBank,
-    get_medclip_wds_dataset,
-    iter_pairs,
-    plan_streams,
-    shard_name,
-    text_bucket_for,
-    text_multiple_for,
-    trim_tokens,
 )
+from open_clip_medclip.streams.plan import plan_streams, shard_name
+from open_clip_medclip.streams.stages import BucketByLength, PackBatch, get_medclip_wds_dataset, iter_pairs
+from open_clip_medclip.text_width import text_bucket_for, text_multiple_for, trim_tokens
 from tests.train.shardkit import SAMPLE_DIR, brace, cut_tar_before, member_names, rewrite_member, write_shards
 
 NF = FINDING_INDEX["No Finding"]

@@ -32,7 +32,7 @@ def _tiny_model(seed: int = 0):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     return model
 
 
@@ -204,7 +204,7 @@ def test_host_check_names_a_missing_attribute(monkeypatch):
 def test_passthrough_adds_no_state_and_leaves_plain_text_alone():
     model = open_clip.create_model("medclip-tiny", output_dict=True)
     keys = set(model.state_dict())
-    openclip_train.enable_label_passthrough(model, 77)
+    openclip_train.enable_label_passthrough(model)
     assert set(model.state_dict()) == keys and isinstance(model, open_clip.CustomTextCLIP)
     model.eval()
     images, texts = _fixed_batch(2)

@@ -1,0 +1,29 @@
+"""Host pieces the library calls but does not import: the glue (`plugins/`) hands them in.
+
+Dependencies run one way: `plugins/` imports the library, never the reverse (tests/test_dependencies.py). Where a
+library stage needs a host internal (OpenCLIP's feature all-gather and `save_for_hf`, webdataset's tar reader and
+shuffle buffer, the splice into open_clip_train's `get_wds_dataset`), the glue provides it here (`provide`, from
+`plugins.openclip_models.install`, which `open_clip_medclip.register()` runs whenever `open_clip` is imported), and
+the library looks it up by name (`piece`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_PIECES: dict[str, Callable] = {}
+
+
+def provide(**pieces: Callable) -> None:
+    """Hand host pieces to the library (the glue calls this; idempotent)."""
+    _PIECES.update(pieces)
+
+
+def piece(name: str) -> Callable:
+    """The host piece `name`; importing `open_clip` registers this package, whose glue provides every piece."""
+    if name not in _PIECES:
+        import open_clip  # noqa: F401  (open_clip_medclip's import hook runs register() right after it)
+    try:
+        return _PIECES[name]
+    except KeyError:
+        raise RuntimeError(f"host piece {name!r} was not provided: import open_clip_medclip before open_clip "
+                           "(or call open_clip_medclip.register())") from None
