@@ -11,7 +11,9 @@ import csv
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -182,3 +184,22 @@ def cut_tar_before(tar_path: str | Path, member: str) -> None:
         offset = next(info.offset for info in tar if info.name == member)
     with open(tar_path, "r+b") as handle:
         handle.truncate(offset)
+
+
+def stream_args(shards: str, **overrides) -> SimpleNamespace:
+    """The OpenCLIP args `get_medclip_wds_dataset` reads, for a small CPU stream (one rank, batches of 4)."""
+    args = dict(train_data=shards, val_data=None, train_data_upsampling_factors=None, dataset_resampled=False,
+                train_num_samples=None, val_num_samples=None, batch_size=4, workers=0, world_size=1, rank=0,
+                seed=0, medclip_uncertain="zeros", medclip_bank_data=None, medclip_text_multiple=0)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def fake_tokenizer(texts):
+    """Token ids that tell the batch's first text length (77 wide)."""
+    return torch.full((len(texts), 77), len(texts[0]), dtype=torch.long)
+
+
+def fake_image(pil):
+    """A tiny image tensor that carries the decoded width."""
+    return torch.zeros(3, 8, 8) + pil.size[0]

@@ -9,30 +9,18 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from open_clip_medclip.streams.faults import ShardFailurePolicy, ShardSourceError
 from open_clip_medclip.streams.stages import get_medclip_wds_dataset
 from tests.train.faultserver import FaultServer
+from tests.train.shardkit import fake_image, fake_tokenizer, stream_args
 
 FAST = dict(medclip_shard_retries=2, medclip_shard_timeout=1.0, medclip_shard_backoff=0.01,
             medclip_shard_max_failures=2, medclip_shard_max_skipped=0.5)
 
 
 def _args(shards: str, **overrides) -> SimpleNamespace:
-    args = dict(train_data=shards, val_data=None, train_data_upsampling_factors=None, dataset_resampled=False,
-                train_num_samples=None, val_num_samples=None, batch_size=4, workers=0, world_size=1, rank=0,
-                seed=0, medclip_uncertain="zeros", medclip_bank_data=None, medclip_text_multiple=0, **FAST)
-    args.update(overrides)
-    return SimpleNamespace(**args)
-
-
-def _tokenizer(texts):
-    return torch.full((len(texts), 77), len(texts[0]), dtype=torch.long)
-
-
-def _image(pil):
-    return torch.zeros(3, 8, 8) + pil.size[0]
+    return stream_args(shards, **{**FAST, **overrides})
 
 
 @pytest.fixture
@@ -47,8 +35,8 @@ def _remote(server, small_shards) -> str:
 
 
 def _loader(server, small_shards, **overrides):
-    info = get_medclip_wds_dataset(_args(_remote(server, small_shards), **overrides), _image, is_train=True,
-                                   tokenizer=_tokenizer)
+    info = get_medclip_wds_dataset(_args(_remote(server, small_shards), **overrides), fake_image, is_train=True,
+                                   tokenizer=fake_tokenizer)
     return info.dataloader
 
 

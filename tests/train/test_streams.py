@@ -31,7 +31,17 @@ from open_clip_medclip.streams.bank import (
 from open_clip_medclip.streams.plan import plan_streams, shard_name
 from open_clip_medclip.streams.stages import BucketByLength, PackBatch, get_medclip_wds_dataset, iter_pairs
 from open_clip_medclip.text_width import text_bucket_for, text_multiple_for, trim_tokens
-from tests.train.shardkit import SAMPLE_DIR, brace, cut_tar_before, member_names, rewrite_member, write_shards
+from tests.train.shardkit import (
+    SAMPLE_DIR,
+    brace,
+    cut_tar_before,
+    fake_image,
+    fake_tokenizer,
+    member_names,
+    rewrite_member,
+    stream_args,
+    write_shards,
+)
 
 NF = FINDING_INDEX["No Finding"]
 
@@ -138,26 +148,10 @@ def test_pairing_is_seeded_per_epoch(small_shards):
     assert texts(1, 0) != texts(1, 1)
 
 
-def _args(shards: str, **overrides) -> SimpleNamespace:
-    args = dict(train_data=shards, val_data=None, train_data_upsampling_factors=None, dataset_resampled=False,
-                train_num_samples=None, val_num_samples=None, batch_size=4, workers=0, world_size=1, rank=0,
-                seed=0, medclip_uncertain="zeros", medclip_bank_data=None, medclip_text_multiple=0)
-    args.update(overrides)
-    return SimpleNamespace(**args)
-
-
-def _tokenizer(texts):
-    return torch.full((len(texts), 77), len(texts[0]), dtype=torch.long)
-
-
-def _image(pil):
-    return torch.zeros(3, 8, 8) + pil.size[0]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_dataset_batches_carry_the_shard_labels(small_shards, workers):
-    info = get_medclip_wds_dataset(_args(small_shards["all"], workers=workers), _image, is_train=True,
-                                   tokenizer=_tokenizer)
+    info = get_medclip_wds_dataset(stream_args(small_shards["all"], workers=workers), fake_image, is_train=True,
+                                   tokenizer=fake_tokenizer)
     loader = info.dataloader
     assert loader.num_samples == 24 and loader.num_batches == 6  # image-bearing samples only
     batches = list(loader)
@@ -176,7 +170,7 @@ def test_the_pipeline_is_open_clip_trains_own(small_shards):
     """Upstream's stages stay (shard shuffle, node/worker split); only the reader, shuffle and tail are ours."""
     import open_clip_train.data as ocd
 
-    info = get_medclip_wds_dataset(_args(small_shards["all"]), _image, is_train=True, tokenizer=_tokenizer)
+    info = get_medclip_wds_dataset(stream_args(small_shards["all"]), fake_image, is_train=True, tokenizer=fake_tokenizer)
     stages = info.dataloader.pipeline[0].dataset.pipeline
     assert isinstance(stages[1], ocd.detshuffle2) and stages[2] is wds.split_by_node
     assert type(stages[4]).__name__ == "ShardReader" and type(stages[5]).__name__ == "SeededShuffle"
@@ -186,8 +180,8 @@ def test_the_pipeline_is_open_clip_trains_own(small_shards):
 def test_upsampling_factors_drop_text_only_groups(small_shards):
     image_a, image_b = small_shards["image"]
     data = f"{image_a}::{image_b}::{small_shards['text'][0]}"
-    args = _args(data, dataset_resampled=True, train_data_upsampling_factors="1::3::1", train_num_samples=64)
-    info = get_medclip_wds_dataset(args, _image, is_train=True, tokenizer=_tokenizer)
+    args = stream_args(data, dataset_resampled=True, train_data_upsampling_factors="1::3::1", train_num_samples=64)
+    info = get_medclip_wds_dataset(args, fake_image, is_train=True, tokenizer=fake_tokenizer)
     shard_stage = info.dataloader.pipeline[0].dataset.pipeline[0]  # WebLoader -> DataLoader -> DataPipeline
     assert shard_stage.urls == [image_a, image_b] and shard_stage.weights == [1.0, 3.0]
     assert sum(len(images) for images, _ in info.dataloader) == 64
@@ -195,16 +189,16 @@ def test_upsampling_factors_drop_text_only_groups(small_shards):
 
 def test_resampled_without_upsampling_factors_is_uniform(small_shards):
     image_a, image_b = small_shards["image"]
-    args = _args(f"{image_a}::{image_b}::{small_shards['text'][0]}", dataset_resampled=True, train_num_samples=32)
-    info = get_medclip_wds_dataset(args, _image, is_train=True, tokenizer=_tokenizer)
+    args = stream_args(f"{image_a}::{image_b}::{small_shards['text'][0]}", dataset_resampled=True, train_num_samples=32)
+    info = get_medclip_wds_dataset(args, fake_image, is_train=True, tokenizer=fake_tokenizer)
     shard_stage = info.dataloader.pipeline[0].dataset.pipeline[0]
     assert shard_stage.urls == [image_a, image_b] and shard_stage.weights == [1.0, 1.0]
     assert sum(len(images) for images, _ in info.dataloader) == 32
 
 
 def test_bank_data_flag_adds_sentences(small_shards):
-    args = _args(small_shards["image"][0], medclip_bank_data=small_shards["text"][0], train_num_samples=8)
-    info = get_medclip_wds_dataset(args, _image, is_train=True, tokenizer=_tokenizer)
+    args = stream_args(small_shards["image"][0], medclip_bank_data=small_shards["text"][0], train_num_samples=8)
+    info = get_medclip_wds_dataset(args, fake_image, is_train=True, tokenizer=fake_tokenizer)
     assert sum(len(images) for images, _ in info.dataloader) == 8
 
 
@@ -216,7 +210,7 @@ def test_start_up_reads_only_the_index(tmp_path: Path):
     written = write_shards(out, images_per_shard=4, image_shards=3, text_shards=1)
     for path in written["image"]:  # image shards are never opened before iteration
         Path(path).unlink()
-    plan = plan_streams(_args(brace(written["image"] + written["text"])), is_train=True)
+    plan = plan_streams(stream_args(brace(written["image"] + written["text"])), is_train=True)
     assert plan.image_urls == written["image"] and plan.image_samples == 12 and len(plan.bank) == 12
 
 
@@ -224,23 +218,23 @@ def test_clear_errors(tmp_path: Path, small_shards):
     old = tmp_path / "old"
     write_shards(old, images_per_shard=2, image_shards=1, text_shards=1, index=False)
     with pytest.raises(UserError, match=r"index.json: shard index not found; write it with 'medclip shards index"):
-        plan_streams(_args(str(old / "train-{000000..000001}.tar")), is_train=True)
+        plan_streams(stream_args(str(old / "train-{000000..000001}.tar")), is_train=True)
     images_only = tmp_path / "images-only"
     write_shards(images_only, images_per_shard=2, image_shards=1, text_shards=0)
     with pytest.raises(UserError, match="need a sentence bank"):
-        plan_streams(_args(str(images_only / "train-000000.tar")), is_train=True)
+        plan_streams(stream_args(str(images_only / "train-000000.tar")), is_train=True)
     missing = str(Path(small_shards["image"][0]).with_name("train-000099.tar"))
     with pytest.raises(UserError, match=r"train-000099.tar: no such file$"):  # not "rewrite the index" (issue 24)
-        plan_streams(_args(missing), is_train=True)
+        plan_streams(stream_args(missing), is_train=True)
     Path(missing).write_bytes(Path(small_shards["image"][0]).read_bytes())
     try:  # a shard that exists but the index does not list: the index is stale
         with pytest.raises(UserError, match=r"train-000099.tar: shard 'train-000099.tar' is not in the shard index"):
-            plan_streams(_args(missing), is_train=True)
+            plan_streams(stream_args(missing), is_train=True)
     finally:
         Path(missing).unlink()
     with pytest.raises(UserError, match="needs --dataset-resampled"):
-        get_medclip_wds_dataset(_args(small_shards["image"][0], train_data_upsampling_factors="1",
-                                      medclip_bank_data=small_shards["text"][0]), _image, True, tokenizer=_tokenizer)
+        get_medclip_wds_dataset(stream_args(small_shards["image"][0], train_data_upsampling_factors="1",
+                                      medclip_bank_data=small_shards["text"][0]), fake_image, True, tokenizer=fake_tokenizer)
 
 
 def test_recorded_policy_that_cannot_give_the_requested_one_stops(tmp_path: Path):
@@ -251,8 +245,8 @@ def test_recorded_policy_that_cannot_give_the_requested_one_stops(tmp_path: Path
     (out / "index.json").write_text(json.dumps(index))
     data = brace(written["image"] + written["text"])
     with pytest.raises(LabelError, match=r"built with label policy 'zeros', which cannot give 'ones' targets"):
-        plan_streams(_args(data, medclip_uncertain="ones"), is_train=True)
-    assert plan_streams(_args(data, medclip_uncertain="zeros"), is_train=True).policy == "zeros"
+        plan_streams(stream_args(data, medclip_uncertain="ones"), is_train=True)
+    assert plan_streams(stream_args(data, medclip_uncertain="zeros"), is_train=True).policy == "zeros"
 
 
 def test_policy_is_applied_once_from_raw_codes(tmp_path: Path):
@@ -288,8 +282,8 @@ def faulty_shards(tmp_path: Path) -> dict:
 
 def _train_once(data: str, caplog) -> list:
     with caplog.at_level(logging.INFO, logger="open_clip_medclip.streams"):
-        info = get_medclip_wds_dataset(_args(data, train_num_samples=16), _image, is_train=True,
-                                       tokenizer=_tokenizer)
+        info = get_medclip_wds_dataset(stream_args(data, train_num_samples=16), fake_image, is_train=True,
+                                       tokenizer=fake_tokenizer)
         return list(info.dataloader)
 
 
@@ -386,9 +380,9 @@ def test_decoded_image_faults_are_rejected_by_validate_and_the_stream_alike(tmp_
     assert skip == [f"medclip streams: skipped sample {key} in {shard}: invalid sample: {member}: {reason}"]
 
     caplog.clear()
-    args = _args(str(shard), medclip_bank_data=str(bank / "train-000000.tar"), batch_size=1, train_num_samples=3)
+    args = stream_args(str(shard), medclip_bank_data=str(bank / "train-000000.tar"), batch_size=1, train_num_samples=3)
     with caplog.at_level(logging.INFO, logger="open_clip_medclip.streams"):
-        batches = list(get_medclip_wds_dataset(args, _image, is_train=True, tokenizer=_tokenizer).dataloader)
+        batches = list(get_medclip_wds_dataset(args, fake_image, is_train=True, tokenizer=fake_tokenizer).dataloader)
     assert len(batches) == 3
     skip = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
     assert skip and all(m.endswith(f"skipped sample {key} in {shard}: invalid sample: {member}: {reason}")
@@ -433,13 +427,13 @@ def test_http_urls_read_the_index_at_start_up_and_the_shards_when_iterated(small
     base, handler = http_shards
     names = [Path(p).name for p in small_shards["image"] + small_shards["paired"] + small_shards["text"]]
     data = f"{base}/{brace([str(Path('x') / n) for n in names]).split('/', 1)[1]}"
-    args = _args(data, train_num_samples=24)
-    info = get_medclip_wds_dataset(args, _image, is_train=True, tokenizer=_tokenizer)
+    args = stream_args(data, train_num_samples=24)
+    info = get_medclip_wds_dataset(args, fake_image, is_train=True, tokenizer=fake_tokenizer)
     # the index files and the build's provenance (image size for the validator's check), once each; no shard
     assert sorted(handler.requests) == ["/index-bank.npz", "/index.json", "/provenance.json"]
     remote = _labels_of(info.dataloader)
-    local = _labels_of(get_medclip_wds_dataset(_args(small_shards["all"], train_num_samples=24), _image, True,
-                                               tokenizer=_tokenizer).dataloader)
+    local = _labels_of(get_medclip_wds_dataset(stream_args(small_shards["all"], train_num_samples=24), fake_image, True,
+                                               tokenizer=fake_tokenizer).dataloader)
     assert remote == local and len(remote) == 24
     assert {r for r in handler.requests if r.endswith(".tar")} == {f"/{n}" for n in names[:3]}
 
@@ -447,10 +441,10 @@ def test_http_urls_read_the_index_at_start_up_and_the_shards_when_iterated(small
 def test_pipe_urls_and_explicit_index(small_shards, tmp_path: Path):
     urls = "::".join(f"pipe:cat {p}" for p in small_shards["image"] + small_shards["paired"] + small_shards["text"])
     assert shard_name(f"pipe:cat {small_shards['image'][0]}") == "train-000000.tar"
-    piped = _labels_of(get_medclip_wds_dataset(_args(urls, train_num_samples=24), _image, True,
-                                               tokenizer=_tokenizer).dataloader)
-    local = _labels_of(get_medclip_wds_dataset(_args(small_shards["all"], train_num_samples=24), _image, True,
-                                               tokenizer=_tokenizer).dataloader)
+    piped = _labels_of(get_medclip_wds_dataset(stream_args(urls, train_num_samples=24), fake_image, True,
+                                               tokenizer=fake_tokenizer).dataloader)
+    local = _labels_of(get_medclip_wds_dataset(stream_args(small_shards["all"], train_num_samples=24), fake_image, True,
+                                               tokenizer=fake_tokenizer).dataloader)
     assert piped == local
     elsewhere = tmp_path / "index-elsewhere"
     elsewhere.mkdir()
@@ -460,8 +454,8 @@ def test_pipe_urls_and_explicit_index(small_shards, tmp_path: Path):
     shutil.copytree(small_shards["dir"], moved, ignore=shutil.ignore_patterns("index*"))
     data = str(moved / "train-{000000..000003}.tar")
     with pytest.raises(UserError, match="shard index not found"):
-        plan_streams(_args(data), is_train=True)
-    assert plan_streams(_args(data, medclip_index=str(elsewhere)), is_train=True).image_samples == 24
+        plan_streams(stream_args(data), is_train=True)
+    assert plan_streams(stream_args(data, medclip_index=str(elsewhere)), is_train=True).image_samples == 24
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,8 +476,8 @@ def test_trimmed_batches_stay_packed_at_any_width(small_shards):
     import open_clip
 
     tokenizer = open_clip.get_tokenizer("medclip-tiny")
-    args = _args(small_shards["all"], medclip_text_multiple=8)
-    for _, texts in get_medclip_wds_dataset(args, _image, True, tokenizer=tokenizer).dataloader:
+    args = stream_args(small_shards["all"], medclip_text_multiple=8)
+    for _, texts in get_medclip_wds_dataset(args, fake_image, True, tokenizer=tokenizer).dataloader:
         tokens, image_labels, text_labels = unpack_batch(texts)
         assert tokens.shape[1] % 8 == 0 and tokens.shape[1] < 77 and image_labels.shape == (4, NUM_FINDINGS)
         assert bool((tokens[:, -8:] != 0).any())  # the longest text reaches the last 8 columns
@@ -659,8 +653,8 @@ def test_bucketed_training_stream_keeps_batches_and_labels(small_shards, workers
     tokenizer = open_clip.get_tokenizer("medclip-tiny")
 
     def epoch(bucket):
-        args = _args(small_shards["all"], medclip_text_multiple=1, medclip_text_bucket=bucket, workers=workers)
-        info = get_medclip_wds_dataset(args, _image, True, tokenizer=tokenizer)
+        args = stream_args(small_shards["all"], medclip_text_multiple=1, medclip_text_bucket=bucket, workers=workers)
+        info = get_medclip_wds_dataset(args, fake_image, True, tokenizer=tokenizer)
         batches = []
         for images, texts in info.dataloader:
             tokens, image_labels, text_labels = unpack_batch(texts)
@@ -677,8 +671,8 @@ def test_bucketed_training_stream_keeps_batches_and_labels(small_shards, workers
 
 
 def test_validation_stream_reads_every_image_once(small_shards):
-    args = _args(None, val_data=small_shards["all"], val_num_samples=24)
-    info = get_medclip_wds_dataset(args, _image, is_train=False, tokenizer=_tokenizer)
+    args = stream_args(None, val_data=small_shards["all"], val_num_samples=24)
+    info = get_medclip_wds_dataset(args, fake_image, is_train=False, tokenizer=fake_tokenizer)
     batches = list(info.dataloader)
     assert sum(len(images) for images, _ in batches) == 24 and info.dataloader.num_batches == 6
 
@@ -688,14 +682,14 @@ def test_hand_edited_sample_is_caught_with_checksums(faulty_shards, caplog):
     member = [m for m in member_names(path) if m.endswith(".json")][0]
     rewrite_member(path, member, lambda data: data.replace(b"null", b"0", 1))  # still valid labels
     with caplog.at_level(logging.WARNING, logger="open_clip_medclip.streams"):
-        info = get_medclip_wds_dataset(_args(faulty_shards["all"], train_num_samples=16), _image, True,
-                                       tokenizer=_tokenizer)
+        info = get_medclip_wds_dataset(stream_args(faulty_shards["all"], train_num_samples=16), fake_image, True,
+                                       tokenizer=fake_tokenizer)
         list(info.dataloader)
     assert not [r for r in caplog.records if "skipped sample" in r.getMessage()]  # default: no checksum list read
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="open_clip_medclip.streams"):
-        info = get_medclip_wds_dataset(_args(faulty_shards["all"], train_num_samples=16,
-                                             medclip_verify_checksums=True), _image, True, tokenizer=_tokenizer)
+        info = get_medclip_wds_dataset(stream_args(faulty_shards["all"], train_num_samples=16,
+                                             medclip_verify_checksums=True), fake_image, True, tokenizer=fake_tokenizer)
         list(info.dataloader)
     skip = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
     assert skip and all("content differs from the checksum in the shard index" in m for m in skip)
