@@ -1,5 +1,6 @@
-"""Imported by a `medclip shards build` subprocess in tests: each sample takes 20 ms longer, so a test can press
-Ctrl-C mid-build. A module (not a lambda) so that the fork pool can pickle the patched function."""
+"""Imported by a `medclip shards build` subprocess in tests: each sample takes 200 ms longer, so a test can press
+Ctrl-C mid-build even on a loaded machine (the 200-sample build would take ~20 s; its third shard is there in ~1 s).
+A module (not a lambda) so that the fork pool can pickle the patched function."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,7 @@ _process = builder._process
 
 
 def slow_process(index: int):
-    time.sleep(0.02)
+    time.sleep(0.2)
     return _process(index)
 
 
