@@ -202,8 +202,13 @@ def test_cli_text_shards_with_the_real_labeler(tmp_path, capsys):
     assert validate_shards(out).ok
 
 
+# A terminal's Ctrl-C reaches a Python whose SIGINT handler is the default one. A runner started as a background job
+# of a script (as CI may start the suite) hands its children SIGINT ignored, so Python would install no handler and
+# the interrupt would be lost: the build script puts the default handler back first.
 CTRL_C_BUILD = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.argv[2] == "slow":
     import tests.shards.slow_build  # noqa: F401
 from open_clip_medclip.cli import main
