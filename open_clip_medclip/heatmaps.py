@@ -38,24 +38,15 @@ def _linear_head(visual: nn.Module) -> nn.Linear:
     return layers[0]
 
 
-def check_heatmaps(model: nn.Module) -> None:
-    """Raise `HeatmapUnsupported` (one line, why) unless `model`'s image tower has the structure exact heatmaps need
-    (the numeric pooling check runs on every batch)."""
-    check_tower(unwrap(model).visual)
-
-
 def check_tower(visual: nn.Module) -> None:
-    """`check_heatmaps` for a bare image tower (`model.visual`, or a fine-tuned classifier's tower)."""
+    """Raise `HeatmapUnsupported` (one line, why) unless the image tower (`model.visual`, or a fine-tuned classifier's
+    tower) has the structure exact heatmaps need (the numeric pooling check runs on every batch)."""
     _linear_head(visual)
 
 
-def projected_locations(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-location projected features (n, h, w, d), pooled embedding z (n, d)) of a preprocessed batch."""
-    return tower_locations(unwrap(model).visual, images)
-
-
 def tower_locations(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`projected_locations` of a bare image tower: z is the tower's output, the mean of the per-location values."""
+    """(per-location projected features (n, h, w, d), pooled embedding z (n, d)) of a preprocessed batch: z is the
+    tower's output, the mean of the per-location values."""
     projection = _linear_head(visual)
     trunk = visual.trunk
     dtype = next(visual.parameters()).dtype
@@ -79,7 +70,7 @@ def tower_locations(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tens
 def logit_shares(model: nn.Module, images: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
     """(n, C, h, w): scale x (P f_l / |z|) . w_c per location l; the mean over locations is exactly the logit
     `linear_logits(z / |z|, weights, scale)` that zero-shot scoring computes."""
-    projected, pooled = projected_locations(model, images)
+    projected, pooled = tower_locations(unwrap(model).visual, images)
     norm = pooled.norm(dim=-1).clamp_min(1e-12)[:, None, None, None]
     shares = linear_logits(projected / norm, weights.to(projected.device, projected.dtype), scale)
     return shares.permute(0, 3, 1, 2)
