@@ -246,8 +246,11 @@ class _Run:
             return _ORIGINAL.get_dataset_fn(data_path, dataset_type)
 
         open_clip_train.data.get_dataset_fn = dataset_fn
+        # a data refusal (e.g. no sentence bank) is one line on the host front door too, not the trainer's traceback
+        refusals = _refused_on_one_line() if self.front_door == "host" else contextlib.nullcontext()
         try:
-            return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            with refusals:
+                return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         finally:
             open_clip_train.data.get_dataset_fn = _ORIGINAL.get_dataset_fn
 
