@@ -15,7 +15,6 @@ validation and policies come from `open_clip_medclip.labels`. `part=(I, N)` buil
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +23,6 @@ import os
 import shutil
 import signal
 import tarfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -33,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from open_clip_medclip.errors import UserError
+from open_clip_medclip.errors import UserError, handling_signal
 from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES, policy_values
 from open_clip_medclip.parts import in_part, part_suffix
 from open_clip_medclip.shards.format import (
@@ -445,7 +443,7 @@ def _run(planned: list[PlannedSample], indices: list[int], options: BuildOptions
     finally:
         _WORKER_STATE = None
         if pool is not None:
-            with _interrupts_ignored():  # a second Ctrl-C must not cut the workers' shutdown short
+            with handling_signal(signal.SIGINT, signal.SIG_IGN):  # a second Ctrl-C must not cut the shutdown short
                 pool.terminate()
                 pool.join()
 
@@ -453,18 +451,6 @@ def _run(planned: list[PlannedSample], indices: list[int], options: BuildOptions
 def _ignore_interrupts() -> None:
     """Pool workers leave Ctrl-C to the parent (which stops them), instead of each printing a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _interrupts_ignored():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _finish(out_dir: Path, planned: list[PlannedSample], source_rejects: list[dict], options: BuildOptions,
