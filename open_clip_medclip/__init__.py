@@ -20,44 +20,15 @@ from open_clip_medclip.lazy import lazy_attributes
 __version__ = "0.1.0"
 
 _LAZY_NAMES = {
-    "CHEXPERT_FINDINGS": "findings",
-    "NUM_FINDINGS": "findings",
-    "MEDCLIP_MEAN": "models",
-    "MEDCLIP_PREPROCESS_CFG": "models",
-    "MEDCLIP_STD": "models",
-    "MedclipMaskedPooler": "models",
-    "MedclipPooler": "models",
-    "medclip_image_transform": "models",
-    "ImageClassifier": "zero_shot",
-    "Predictions": "zero_shot",
-    "ZeroShotClassifier": "zero_shot",
-    "build_multilabel_classifier": "zero_shot",
-    "build_zero_shot_classifier": "zero_shot",
-    "heatmap": "zero_shot",
-    "predict": "zero_shot",
-    "prompts": "zero_shot",
+    "CHEXPERT_FINDINGS": "findings", "NUM_FINDINGS": "findings",
+    "MEDCLIP_MEAN": "models", "MEDCLIP_PREPROCESS_CFG": "models", "MEDCLIP_STD": "models",
+    "MedclipMaskedPooler": "models", "MedclipPooler": "models", "medclip_image_transform": "models",
+    "ImageClassifier": "zero_shot", "Predictions": "zero_shot", "ZeroShotClassifier": "zero_shot",
+    "build_multilabel_classifier": "zero_shot", "build_zero_shot_classifier": "zero_shot", "heatmap": "zero_shot",
+    "predict": "zero_shot", "prompts": "zero_shot",
 }
 
-__all__ = [
-    "CHEXPERT_FINDINGS",
-    "ImageClassifier",
-    "MEDCLIP_MEAN",
-    "MEDCLIP_PREPROCESS_CFG",
-    "MEDCLIP_STD",
-    "MODEL_NAMES",
-    "MedclipMaskedPooler",
-    "MedclipPooler",
-    "NUM_FINDINGS",
-    "Predictions",
-    "ZeroShotClassifier",
-    "build_multilabel_classifier",
-    "build_zero_shot_classifier",
-    "heatmap",
-    "medclip_image_transform",
-    "predict",
-    "prompts",
-    "register",
-]
+__all__ = sorted([*_LAZY_NAMES, "MODEL_NAMES", "register"])
 
 
 def register() -> None:
@@ -79,16 +50,12 @@ def __getattr__(name: str):
     return value
 
 
-def _register_after(name, module) -> None:
-    register()
-
-
 def _install() -> None:
     """Register now if `open_clip` is imported, else right after it is (`import_hook.AfterImport`, one-shot)."""
     if "open_clip" in sys.modules:
         register()
     elif not any(isinstance(finder, AfterImport) and "open_clip" in finder.pending for finder in sys.meta_path):
-        AfterImport.install(["open_clip"], _register_after)
+        AfterImport.install(["open_clip"], lambda name, module: register())
 
 
 _install()

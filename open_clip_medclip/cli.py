@@ -46,12 +46,9 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _usage() -> str:
-    lines = ["usage: medclip <command> [options]", "", "commands:"]
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        lines.append(f"  {name:<8} {help_text}")
-    lines.append("")
-    lines.append("Run 'medclip <command> --help' for a command's options; add --debug to see tracebacks.")
-    return "\n".join(lines)
+    commands = [f"  {name:<8} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    return "\n".join(["usage: medclip <command> [options]", "", "commands:", *commands, "",
+                      "Run 'medclip <command> --help' for a command's options; add --debug to see tracebacks."])
 
 
 def _one_line(text: str) -> str:
@@ -201,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medclip: unknown command {name!r}{did_you_mean(name, SUBCOMMANDS)}; "
               "run 'medclip --help' for the list of commands", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
-    if name in PASSES_DEBUG_ON:
-        rest = original[original.index(name) + 1:]
-    else:
-        rest = argv[1:]
+    rest = original[original.index(name) + 1:] if name in PASSES_DEBUG_ON else argv[1:]
     module_name = SUBCOMMANDS[name][0]
 
     def body() -> int | None:
@@ -214,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if exc.name and module_name.startswith(exc.name):
                 raise UserError(f"command {name!r} is not available in this version") from exc
             raise
-        if name in ("convert", "info"):
-            return module.main([name, *rest])
-        return module.main(rest)
+        return module.main([name, *rest] if name in ("convert", "info") else rest)
 
     return run_command(name, body, debug)
 

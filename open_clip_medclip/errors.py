@@ -7,9 +7,12 @@ errors too. Light on purpose: no torch or open_clip import here, so every CLI ca
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 
 USER_ERROR_EXIT_CODE = 2
 WORK_NOT_DONE_EXIT_CODE = 1
@@ -53,6 +56,19 @@ def resolve_device(requested: str | None) -> str:
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
     return requested
+
+
+@contextlib.contextmanager
+def handling_signal(signum: int, handler) -> Iterator[None]:
+    """`handler` for `signum` inside the block (the main thread only: elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 def debug_requested(argv: list[str]) -> bool:

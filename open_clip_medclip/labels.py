@@ -301,11 +301,6 @@ def _packed_count(texts: torch.Tensor) -> int | None:
     return MARKER_BASE - low
 
 
-def is_packed(texts: torch.Tensor) -> bool:
-    """Whether `texts` is a batch made by `pack_batch` (checks the marker column only)."""
-    return _packed_count(texts) is not None
-
-
 def unpack_batch(texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(tokens [B,T], image targets float32 [B,L], text targets float32 [B,L]); blank codes come back as NaN.
 

@@ -101,22 +101,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
-def _check_model_name(name: str | None) -> None:
-    if name:
-        from open_clip_medclip.model_names import check_model_name
-
-        check_model_name(name)
-
-
-def _print_help(parser: argparse.ArgumentParser, parse_args) -> None:
-    parser.print_help()
-    print("\nopen_clip_train options:\n")
-    try:
-        parse_args(["--help"])
-    except SystemExit:
-        pass
-
-
 class TrainingNotDone(WorkNotDone):
     """The trainer ran but did not do the work asked for (it refused, trained no step, saved no checkpoint)."""
 
@@ -169,18 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     if medclip_args.help:  # the launcher (main) is the one place here that loads the trainer glue
         from open_clip_medclip.plugins.host_args import trainer_parse_args
 
-        _print_help(parser, trainer_parse_args)
+        parser.print_help()
+        print("\nopen_clip_train options:\n")
+        try:
+            trainer_parse_args(["--help"])
+        except SystemExit:
+            pass
         return 0
 
     if medclip_args.install_autoload or medclip_args.uninstall_autoload:
         from open_clip_medclip import autoload
 
         if medclip_args.install_autoload:
-            files = autoload.install_autoload(medclip_args.autoload_site_dir)
-            print(json.dumps({"installed": files}))
+            print(json.dumps({"installed": autoload.install_autoload(medclip_args.autoload_site_dir)}))
         else:
-            files = autoload.uninstall_autoload(medclip_args.autoload_site_dir)
-            print(json.dumps({"removed": files}))
+            print(json.dumps({"removed": autoload.uninstall_autoload(medclip_args.autoload_site_dir)}))
         return 0
 
     from open_clip_medclip.plugins import host_args, openclip_train, trainer_shims
@@ -190,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if device is not None:
         resolve_device(device)  # the device policy of every command: a missing accelerator is a user error
     import open_clip_medclip  # noqa: F401  (registers the MedCLIP model configs)
+    from open_clip_medclip.model_names import check_model_name
 
-    _check_model_name(_flag_value(trainer_argv, "--model") or "RN50")
+    check_model_name(_flag_value(trainer_argv, "--model") or "RN50")
 
     options = MedclipOptions.from_args(medclip_args)
     hook = trainer_shims.suite_zero_shot_hook(options.zeroshot_suite) if options.zeroshot_suite else None

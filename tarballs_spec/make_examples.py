@@ -12,21 +12,11 @@ import shutil
 from pathlib import Path
 
 from open_clip_medclip.shards.builder import BuildOptions, build_shards
-from open_clip_medclip.sources import iter_labelled_csv, iter_nih, iter_pediatric
-
-SAMPLE_DATA = Path(__file__).resolve().parents[1] / "open_clip_medclip" / "sample_data"
-
-
-def _sample_data() -> Path:
-    if SAMPLE_DATA.is_dir():
-        return SAMPLE_DATA
-    import open_clip_medclip
-
-    return Path(open_clip_medclip.__path__[0]) / "sample_data"
+from open_clip_medclip.sources import SAMPLE_DATA_DIR, iter_labelled_csv, iter_nih, iter_pediatric
 
 
 def make_examples(out_dir: Path) -> None:
-    data = _sample_data()
+    data = SAMPLE_DATA_DIR
     items = itertools.chain(
         itertools.islice(iter_nih(data / "nih_cxr14" / "labels.csv"), 3),
         itertools.islice(iter_pediatric(data / "kermany_pediatric"), 3),

@@ -27,8 +27,7 @@ _NAMES = {
     "SentenceLabels": "labeler", "iter_reports": ".sources.reports", "DEFAULT_RULES_DIR": "rules", "rules_hash": "rules",
 }
 
-__all__ = ["Labeler", "ReportLabels", "SentenceLabels", "iter_reports", "rules_hash", "LABELER_NAME",
-           "LABELER_VERSION", "DEFAULT_RULES_DIR"]
+__all__ = list(_NAMES)
 
 
 # The public names, imported on first use (so `medclip label --help` imports none of the labeler).

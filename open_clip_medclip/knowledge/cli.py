@@ -21,19 +21,17 @@ torch, open_clip or spaCy (unless a scispaCy option asks for the spaCy pipeline)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from open_clip_medclip.errors import UserError
+from open_clip_medclip.errors import UserError, handling_signal
 from open_clip_medclip.findings import CHEXPERT_FINDINGS, NUM_FINDINGS
 from open_clip_medclip.parts import parse_part, part_json
 
@@ -105,26 +103,13 @@ def _on_sigterm(signum, frame):
     raise _Terminated(128 + signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into an exception while labelling, so `finally` blocks stop the workers and clean up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     part = parse_part(args.part)
     check_scispacy(args)
-    with _sigterm_unwinds():
+    with handling_signal(signal.SIGTERM, _on_sigterm):  # `finally` blocks stop the workers and clean up
         return _run(args, part)
 
 

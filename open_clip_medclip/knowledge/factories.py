@@ -12,17 +12,7 @@ from pathlib import Path
 from spacy.language import Language
 from spacy.tokens import Doc, Span
 
-from open_clip_medclip.knowledge.components import (
-    DEFAULT_LABEL_SECTIONS,
-    PIPELINE,
-    LabelsComponent,
-    MentionsComponent,
-    NegationComponent,
-    ScopeComponent,
-    SectionsComponent,
-    SentencesComponent,
-    UncertaintyComponent,
-)
+from open_clip_medclip.knowledge import components
 
 DOC_EXTENSIONS = ("medclip_match_text", "medclip_sections", "medclip_labelled_sections", "medclip_sentences",
                   "medclip_terms", "medclip_assertions", "medclip_sentence_labels", "medclip_labels")
@@ -40,51 +30,53 @@ def register_extensions() -> None:
 register_extensions()
 
 
-@Language.factory("medclip_sections", default_config={"rules_dir": None, "label_sections": list(DEFAULT_LABEL_SECTIONS)})
-def make_sections(nlp: Language, name: str, rules_dir: str | None, label_sections: list[str]) -> SectionsComponent:
-    return SectionsComponent(rules_dir, label_sections)
+@Language.factory("medclip_sections",
+                  default_config={"rules_dir": None, "label_sections": list(components.DEFAULT_LABEL_SECTIONS)})
+def make_sections(nlp: Language, name: str, rules_dir: str | None,
+                  label_sections: list[str]) -> components.SectionsComponent:
+    return components.SectionsComponent(rules_dir, label_sections)
 
 
 @Language.factory("medclip_sentences", default_config={"rules_dir": None})
-def make_sentences(nlp: Language, name: str, rules_dir: str | None) -> SentencesComponent:
-    return SentencesComponent(rules_dir)
+def make_sentences(nlp: Language, name: str, rules_dir: str | None) -> components.SentencesComponent:
+    return components.SentencesComponent(rules_dir)
 
 
 @Language.factory("medclip_mentions",
                   default_config={"rules_dir": None, "use_umls_entities": False, "umls_min_score": 0.85})
 def make_mentions(nlp: Language, name: str, rules_dir: str | None, use_umls_entities: bool,
-                  umls_min_score: float) -> MentionsComponent:
-    return MentionsComponent(rules_dir, use_umls_entities, umls_min_score)
+                  umls_min_score: float) -> components.MentionsComponent:
+    return components.MentionsComponent(rules_dir, use_umls_entities, umls_min_score)
 
 
 @Language.factory("medclip_negation", default_config={"rules_dir": None})
-def make_negation(nlp: Language, name: str, rules_dir: str | None) -> NegationComponent:
-    return NegationComponent(rules_dir)
+def make_negation(nlp: Language, name: str, rules_dir: str | None) -> components.NegationComponent:
+    return components.NegationComponent(rules_dir)
 
 
 @Language.factory("medclip_uncertainty", default_config={"rules_dir": None})
-def make_uncertainty(nlp: Language, name: str, rules_dir: str | None) -> UncertaintyComponent:
-    return UncertaintyComponent(rules_dir)
+def make_uncertainty(nlp: Language, name: str, rules_dir: str | None) -> components.UncertaintyComponent:
+    return components.UncertaintyComponent(rules_dir)
 
 
 @Language.factory("medclip_scope", default_config={"rules_dir": None})
-def make_scope(nlp: Language, name: str, rules_dir: str | None) -> ScopeComponent:
-    return ScopeComponent(rules_dir)
+def make_scope(nlp: Language, name: str, rules_dir: str | None) -> components.ScopeComponent:
+    return components.ScopeComponent(rules_dir)
 
 
 @Language.factory("medclip_labels", default_config={})
-def make_labels(nlp: Language, name: str) -> LabelsComponent:
-    return LabelsComponent()
+def make_labels(nlp: Language, name: str) -> components.LabelsComponent:
+    return components.LabelsComponent()
 
 
 def pipeline_config(rules_dir: str | Path | None = None,
-                    label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS) -> str:
+                    label_sections: Sequence[str] = components.DEFAULT_LABEL_SECTIONS) -> str:
     """The default pipeline as a spaCy config string (blank English tokenizer + the 7 components)."""
     rules = "null" if rules_dir is None else '"' + str(rules_dir).replace("\\", "\\\\").replace('"', '\\"') + '"'
     sections = "[" + ", ".join(f'"{name}"' for name in label_sections) + "]"
-    lines = ["[nlp]", 'lang = "en"', "pipeline = [" + ", ".join(f'"{name}"' for name in PIPELINE) + "]", "",
-             "[components]", ""]
-    for name in PIPELINE:
+    pipeline = ", ".join(f'"{name}"' for name in components.PIPELINE)
+    lines = ["[nlp]", 'lang = "en"', f"pipeline = [{pipeline}]", "", "[components]", ""]
+    for name in components.PIPELINE:
         lines.append(f"[components.{name}]")
         lines.append(f'factory = "{name}"')
         if name != "medclip_labels":
@@ -95,8 +87,9 @@ def pipeline_config(rules_dir: str | Path | None = None,
     return "\n".join(lines)
 
 
-def build_pipeline(rules_dir: str | Path | None = None, label_sections: Sequence[str] = DEFAULT_LABEL_SECTIONS,
-                   scispacy_model: str | None = None, umls_linker: bool = False) -> Language:
+def build_pipeline(rules_dir: str | Path | None = None,
+                   label_sections: Sequence[str] = components.DEFAULT_LABEL_SECTIONS, scispacy_model: str | None = None,
+                   umls_linker: bool = False) -> Language:
     """The labeling pipeline: from `pipeline_config` (blank English), or on top of an installed scispaCy model.
 
     `scispacy_model` (e.g. "en_core_sci_sm") and `umls_linker` need those packages/models installed; they are
@@ -125,7 +118,7 @@ def build_pipeline(rules_dir: str | Path | None = None, label_sections: Sequence
         except Exception as exc:  # the linker downloads its index on first use; offline this fails
             raise RuntimeError(f"cannot load scispacy's UMLS linker (its knowledge base must be cached locally): "
                                f"{exc}") from exc
-    for name in PIPELINE:
+    for name in components.PIPELINE:
         config: dict = {}
         if name != "medclip_labels":
             config["rules_dir"] = None if rules_dir is None else str(rules_dir)

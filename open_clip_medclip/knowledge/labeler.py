@@ -23,15 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from open_clip_medclip.knowledge.components import (
-    DEFAULT_LABEL_SECTIONS,
-    MentionsComponent,
-    NegationComponent,
-    ScopeComponent,
-    SectionsComponent,
-    SentencesComponent,
-    UncertaintyComponent,
-)
+from open_clip_medclip.knowledge import components
 from open_clip_medclip.knowledge.matching import (
     aggregate_report,
     matching_text,
@@ -81,8 +73,9 @@ class Labeler:
     path's cache of sentence labels, keyed by the sentence's matching text.
     """
 
-    def __init__(self, rules_dir: str | Path | None = None, sections: Sequence[str] = DEFAULT_LABEL_SECTIONS,
-                 scispacy_model: str | None = None, umls_linker: bool = False):
+    def __init__(self, rules_dir: str | Path | None = None,
+                 sections: Sequence[str] = components.DEFAULT_LABEL_SECTIONS, scispacy_model: str | None = None,
+                 umls_linker: bool = False):
         self.rules_dir = resolve_rules_dir(rules_dir)
         self.options = {"rules_dir": None if rules_dir is None else str(rules_dir), "sections": list(sections),
                         "scispacy_model": scispacy_model, "umls_linker": umls_linker}
@@ -94,11 +87,11 @@ class Labeler:
         if self._uses_extra_models:  # only the spaCy pipeline uses the extra entities: build it now (fail early)
             _ = self.nlp
         # The fast path: the same component classes the pipeline registers, built without spaCy.
-        self._sections = SectionsComponent(rules_dir, sections).splitter
-        self._sentences = SentencesComponent(rules_dir)
-        self._scope = ScopeComponent(rules_dir)
-        self._phrase_components = [MentionsComponent(rules_dir), NegationComponent(rules_dir),
-                                   UncertaintyComponent(rules_dir), self._scope]
+        self._sections = components.SectionsComponent(rules_dir, sections).splitter
+        self._sentences = components.SentencesComponent(rules_dir)
+        self._scope = components.ScopeComponent(rules_dir)
+        self._phrase_components = [components.MentionsComponent(rules_dir), components.NegationComponent(rules_dir),
+                                   components.UncertaintyComponent(rules_dir), self._scope]
         self._matchers = [component.matcher for component in self._phrase_components]
         # Rules whose phrases cannot match across sentences let each sentence be labelled (and cached) alone.
         self._per_sentence = not any(may_cross_sentences(phrase) for matcher in self._matchers

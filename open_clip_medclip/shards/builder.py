@@ -15,7 +15,6 @@ validation and policies come from `open_clip_medclip.labels`. `part=(I, N)` buil
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +23,6 @@ import os
 import shutil
 import signal
 import tarfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -33,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from open_clip_medclip.errors import UserError
+from open_clip_medclip.errors import UserError, handling_signal
 from open_clip_medclip.labels import DEFAULT_BUILD_POLICY, POLICIES, policy_values
 from open_clip_medclip.parts import in_part, part_suffix
 from open_clip_medclip.shards.format import (
@@ -174,20 +172,11 @@ def _label_text(label: LabelFunction, text: str) -> tuple[list, list[tuple[str, 
     return list(result.labels), sentences
 
 
-def _coded(values: Iterable, policy: str, where: str) -> list:
-    return policy_values(list(values), policy, where)
-
-
 def item_identity(item: Record | Reject) -> str:
     """What `--part` hashes: source and id (a reject without id also by its input and detail)."""
     if item.id is not None:
         return f"{item.source}\0{item.id}"
     return f"{item.source}\0\0{getattr(item, 'input', '')}\0{getattr(item, 'detail', '')}"
-
-
-def select_part(items: Iterable[Record | Reject], part: tuple[int, int] | None) -> Iterable[Record | Reject]:
-    """The items of part I of N (all items when `part` is None); deterministic per item."""
-    return items if part is None else (item for item in items if in_part(item_identity(item), part))
 
 
 def plan_samples(items: Iterable[Record | Reject], options: BuildOptions,
@@ -269,13 +258,13 @@ def make_sample(planned: PlannedSample, options: BuildOptions, label: LabelFunct
     try:
         document = {
             "kind": kind, "id": record.id, "source": record.source,
-            "labels": _coded(labels, policy, "labels"),
-            "sentences": [{"text": text, "labels": _coded(values, policy, f"sentence {number}")}
+            "labels": policy_values(list(labels), policy, "labels"),
+            "sentences": [{"text": text, "labels": policy_values(list(values), policy, f"sentence {number}")}
                           for number, (text, values) in enumerate(sentences)],
             "meta": dict(record.meta),
         }
         if kind == "paired" and report_labels is not None and record.labels is not None:
-            document["meta"]["report_labels"] = _coded(report_labels, policy, "report labels")
+            document["meta"]["report_labels"] = policy_values(list(report_labels), policy, "report labels")
     except ValueError as exc:
         raise _SampleRejected("bad_label", str(exc)) from None
     members["json"] = dump_json(document).encode("utf-8")
@@ -397,7 +386,9 @@ def build_shards(items: Iterable[Record | Reject], out_dir: str | Path, options:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     label = as_label_function(labeler)
-    planned, source_rejects = plan_samples(select_part(items, options.part), options, label)
+    if options.part is not None:  # part I of N: deterministic per item
+        items = (item for item in items if in_part(item_identity(item), options.part))
+    planned, source_rejects = plan_samples(items, options, label)
     labeler_info = labeler_provenance(labeler) if any(
         s.kind in TEXT_KINDS and s.record.sentences is None for s in planned) or (
         "text" in options.kinds and options.text_unit == "sentence") else None
@@ -452,7 +443,7 @@ def _run(planned: list[PlannedSample], indices: list[int], options: BuildOptions
     finally:
         _WORKER_STATE = None
         if pool is not None:
-            with _interrupts_ignored():  # a second Ctrl-C must not cut the workers' shutdown short
+            with handling_signal(signal.SIGINT, signal.SIG_IGN):  # a second Ctrl-C must not cut the shutdown short
                 pool.terminate()
                 pool.join()
 
@@ -460,18 +451,6 @@ def _run(planned: list[PlannedSample], indices: list[int], options: BuildOptions
 def _ignore_interrupts() -> None:
     """Pool workers leave Ctrl-C to the parent (which stops them), instead of each printing a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _interrupts_ignored():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _finish(out_dir: Path, planned: list[PlannedSample], source_rejects: list[dict], options: BuildOptions,

@@ -85,11 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def source_items(args: argparse.Namespace) -> Iterable:
-    """The registry adapter for `--source` (aliases resolve), called with the build flags."""
-    return get_source(args.source).items(args)
-
-
 def _select(items: Iterable, split: str | None, limit: int | None) -> Iterable:
     count = 0
     for item in items:
@@ -101,10 +96,6 @@ def _select(items: Iterable, split: str | None, limit: int | None) -> Iterable:
         yield item
 
 
-def _needs_labeler(kinds: tuple[str, ...], source: str) -> bool:
-    return source != "labelled-csv" and any(kind in TEXT_KINDS for kind in kinds)
-
-
 def run_build(args: argparse.Namespace) -> int:
     args.source = get_source(args.source).name
     kinds = tuple(k.strip() for k in args.kind.split(",")) if args.kind else SOURCES[args.source].default_kinds
@@ -114,11 +105,11 @@ def run_build(args: argparse.Namespace) -> int:
                            text_unit=args.text_unit, licence=args.licence, overwrite=args.overwrite,
                            progress=not args.no_progress, part=parse_part(args.part))
     labeler = None
-    if _needs_labeler(kinds, args.source):
+    if args.source != "labelled-csv" and any(kind in TEXT_KINDS for kind in kinds):
         from open_clip_medclip.knowledge import Labeler
 
         labeler = Labeler()
-    items = _select(source_items(args), args.split, args.limit)  # the part split is applied by build_shards
+    items = _select(get_source(args.source).items(args), args.split, args.limit)  # the part split is applied by build_shards
     summary = build_shards(items, args.out, options, labeler=labeler)
     print(json.dumps(summary.to_json(), sort_keys=True))
     reasons = ", ".join(f"{count} {reason}" for reason, count in summary.reject_reasons.items()) or "none"

@@ -22,7 +22,6 @@ KINDS = ("paired", "image", "text")
 IMAGE_FORMATS = ("jpg", "png")
 IMAGE_KINDS = ("paired", "image")  # the kinds whose samples carry an image (the others carry text only)
 TEXT_KINDS = ("paired", "text")
-MEMBER_EXTENSIONS = ("jpg", "png", "txt", "json")
 JPEG_QUALITY = 95
 DEFAULT_IMAGE_SIZE = 256
 

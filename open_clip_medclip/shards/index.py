@@ -31,6 +31,8 @@ INDEX_FILE = "index.json"
 BANK_FILE = "index-bank.npz"
 CHECKSUMS_FILE = "index-samples.jsonl"
 INDEX_FILES = (INDEX_FILE, BANK_FILE, CHECKSUMS_FILE)
+INDEX_KEYS = {"index_version", "spec_version", "label_order", "label_policy", "shards", "samples", "kinds", "bank",
+              "checksums"}  # the keys of index.json, each a ShardIndex field
 CHECKSUM_DIGITS = 32
 BANK_KIND_BITS = {"paired": 1, "text": 2}
 BANK_ARRAYS = ("text_bytes", "text_offsets", "codes", "kinds", "counts")
@@ -350,12 +352,8 @@ def parse_index(data: bytes, location: str) -> ShardIndex:
     problems = index_problems(document)
     if problems:
         raise ShardIndexError(f"{location}: {problems[0]}")
-    return ShardIndex(
-        location=location, index_version=document["index_version"], spec_version=document["spec_version"],
-        label_policy=document["label_policy"], label_order=document["label_order"],
-        shards={name: ShardInfo.from_json(name, entry) for name, entry in document["shards"].items()},
-        samples=document["samples"], kinds=dict(document["kinds"]), bank=document["bank"],
-        checksums=document["checksums"])
+    shards = {name: ShardInfo.from_json(name, entry) for name, entry in document["shards"].items()}
+    return ShardIndex(location=location, **{key: document[key] for key in INDEX_KEYS} | {"shards": shards})
 
 
 def read_index(location: str) -> ShardIndex:
@@ -371,9 +369,7 @@ def index_problems(document: object) -> list[str]:
     """Structure problems of an `index.json` document (the schema's `index` definition, hand-written)."""
     if not isinstance(document, dict):
         return ["index must be a JSON object"]
-    required = {"index_version", "spec_version", "label_order", "label_policy", "shards", "samples", "kinds",
-                "bank", "checksums"}
-    problems = [f"lacks key {key!r}" for key in sorted(required - document.keys())]
+    problems = [f"lacks key {key!r}" for key in sorted(INDEX_KEYS - document.keys())]
     if problems:
         return problems
     if document["index_version"] != INDEX_VERSION:
@@ -408,8 +404,3 @@ def index_problems(document: object) -> list[str]:
         problems.append(f"samples is {document['samples']}, the shards entries sum to "
                         f"{sum(e['samples'] for e in shards.values())}")
     return problems
-
-
-__all__ = ["BANK_FILE", "CHECKSUMS_FILE", "INDEX_FILE", "INDEX_VERSION", "BankArrays", "ShardIndexError", "ShardFacts",
-           "ShardIndex", "ShardInfo", "bank_entries", "index_files", "index_url", "parse_index", "read_index",
-           "read_url", "sample_checksum", "sibling_url"]

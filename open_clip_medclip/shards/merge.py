@@ -30,7 +30,6 @@ from open_clip_medclip.shards.format import (
 )
 from open_clip_medclip.shards.index import (
     INDEX_FILE,
-    INDEX_FILES,
     ShardFacts,
     ShardIndex,
     ShardIndexError,
@@ -212,6 +211,3 @@ def _merged_provenance(provenances: list[Provenance], shards: int) -> Provenance
         kinds=dict(sorted(kinds.items())), reject_reasons=dict(sorted(reasons.items())),
         counts={key: counts[key] for key in ("inputs", "written", "rejected")}, shards=shards,
         build_fingerprint=hashlib.sha256("\n".join(fingerprints).encode()).hexdigest(), merged_from=len(provenances))
-
-
-__all__ = ["INDEX_FILES", "MergeSummary", "merge_builds", "write_index"]

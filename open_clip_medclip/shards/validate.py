@@ -11,6 +11,7 @@ values are checked by `open_clip_medclip.labels` (NaN, a string "1", 2.0 are err
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -389,11 +390,9 @@ def _validate_rejects(path: Path, report: ValidationReport) -> int | None:
 
 def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str], policy: str,
                   longer_side: int | None, decode_images: bool, checksums: dict[str, str] | None,
-                  expected_count: int | None = None, facts_truncated: list[str] | None = None) -> ShardFacts:
+                  expected_count: int | None, facts_truncated: list[str]) -> ShardFacts:
     """Check one shard. A tar that ends early (cut mid-member or without its end blocks) is one problem with
     counts (`_truncation_problem`); the sample it cut is not checked member by member."""
-    facts_truncated = [] if facts_truncated is None else facts_truncated
-
     def problem(member: str | None, message: str) -> None:
         report.problems.append(Problem(str(path), member, message))
 
@@ -434,8 +433,9 @@ def _validate_tar(path: Path, report: ValidationReport, seen_keys: dict[str, str
                                        decode_images=decode_images, longer_side=longer_side)
         report.problems.extend(found)
         if document is not None and document.get("kind") in KINDS:
-            _add_facts(facts, key, document, members)
-        else:
+            with contextlib.suppress(KeyError, TypeError, AttributeError, UnicodeDecodeError):  # already reported
+                facts.add(key, document, members)
+        if not facts.keys or facts.keys[-1] != key:  # a sample whose facts could not be read still has a key
             facts.keys.append(key)
             facts.checksums.append(sample_checksum(members))
     return facts
@@ -477,15 +477,6 @@ def _truncation_problem(path: Path, exc: BaseException, samples: list[tuple[str,
         detail = f"{len(samples)} complete samples readable"
     return Problem(str(path), None, f"truncated tar ({exc}; {path.stat().st_size} bytes): {detail}; restore the "
                                     "file or rebuild the shards (the index and sizes.json describe the whole shard)")
-
-
-def _add_facts(facts: ShardFacts, key: str, document: dict, members: dict[str, bytes]) -> None:
-    try:
-        facts.add(key, document, members)
-    except (KeyError, TypeError, AttributeError, UnicodeDecodeError):  # malformed parts already reported
-        if not facts.keys or facts.keys[-1] != key:
-            facts.keys.append(key)
-            facts.checksums.append(sample_checksum(members))
 
 
 def _validate_image(member: str, ext: str, data: bytes, problem, longer_side: int | None, decode: bool) -> None:

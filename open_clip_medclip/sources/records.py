@@ -67,8 +67,7 @@ class Reject:
     input: str = ""
 
     def to_json(self) -> dict:
-        return {"source": self.source, "id": self.id, "reason": self.reason, "detail": self.detail,
-                "input": self.input}
+        return dict(self.__dict__)
 
 
 SourceItem = Record | Reject
