@@ -111,7 +111,6 @@ def run_one(suite: Suite, splits: finetune_train.Splits, model_name: str, init: 
     return record
 
 
-
 def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint: str | None,
                  options: EvalOptions, device: str | torch.device, work_dir: Path, *, restart: bool = False,
                  after_epoch: Callable[[int], None] | None = None) -> EvalResult:
