@@ -212,10 +212,13 @@ def _auc_gap(full: dict, cached: dict, keep: list[int]) -> float:
 
     views = [(suite, _positive_margin, full[f"{suite}/targets"] == 1) for suite in BINARY_SUITES]
     if keep:
-        views.append((MULTILABEL_SUITE, lambda s: s[:, keep], full[f"{MULTILABEL_SUITE}/targets"][:, keep].astype(bool)))
-    gaps = [abs(float(auc_rows(pick(full[f"{suite}/scores"]), positives, None)[0]
-                      - auc_rows(pick(cached[f"{suite}/scores"]), positives, None)[0])) for suite, pick, positives in views]
-    return max([0.0, *gaps])
+        targets = full[f"{MULTILABEL_SUITE}/targets"][:, keep].astype(bool)
+        views.append((MULTILABEL_SUITE, lambda scores: scores[:, keep], targets))
+    gap = 0.0
+    for suite, pick, positives in views:
+        a, b = (auc_rows(pick(scores[f"{suite}/scores"]), positives, None)[0] for scores in (full, cached))
+        gap = max(gap, abs(float(a - b)))
+    return gap
 
 
 def curve_summary(curves: dict, keys: list[str], seeds: list[int]) -> dict:

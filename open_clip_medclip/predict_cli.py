@@ -189,11 +189,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
 
 
-def _input_image(tensor, mean: float, std: float):
-    """The model's input (first channel) back in 0..1, for drawing heatmaps over."""
-    return (tensor[0].cpu().numpy() * std + mean).clip(0, 1)
-
-
 class HeatmapWriter:
     """Per image: `<n>_<name>.npz` (exact shares on the feature grid, classes, logits) and a PNG per class, written
     into a staging folder whose files replace those of the heatmap folder only when the run succeeds."""
@@ -210,7 +205,7 @@ class HeatmapWriter:
 
         stem = f"{index:05d}_{_slug(path.stem)}"
         np.savez(self.stage / f"{stem}.npz", shares=shares, logits=logits, classes=np.array(self.classes))
-        picture = _input_image(image, self.mean, self.std)
+        picture = (image[0].cpu().numpy() * self.std + self.mean).clip(0, 1)  # the model's input (first channel)
         if max(picture.shape) < MIN_DRAWN_SIDE:  # small model inputs (128 px) are drawn larger, to be readable
             factor = -(-MIN_DRAWN_SIDE // max(picture.shape))
             picture = upsample(picture[None], (picture.shape[0] * factor, picture.shape[1] * factor))[0].clip(0, 1)

@@ -277,11 +277,11 @@ def _finetune_plots(stage: Path, suite, summary: dict) -> list[str]:
     for start, row in summary["starts"].items():
         first = row["runs"][0]
         logits = np.asarray(first["test_logits"])
+        scores = 1 / (1 + np.exp(-logits)) if suite.multilabel else logits  # _plots applies softmax to multi-class
         written += _plots(stage / f"finetune_{start}",
                           f"{suite.name}: {summary['model']} fine-tuned from {start}, seed {first['seed']}", None,
-                          np.asarray(summary["test_targets"]), 1 / (1 + np.exp(-logits)) if suite.multilabel else logits,
-                          suite.classes, None if suite.multilabel else first["metrics"]["confusion_matrix"],
-                          suite.multilabel)
+                          np.asarray(summary["test_targets"]), scores, suite.classes,
+                          None if suite.multilabel else first["metrics"]["confusion_matrix"], suite.multilabel)
     return written
 
 
