@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import re
 import sys
@@ -158,21 +157,6 @@ def load_task_classifier(args: argparse.Namespace, device) -> tuple:
     return build_classifier(args, model, tokenizer), preprocess, model.visual.preprocess_cfg
 
 
-def sha256_of(path: str | None) -> str | None:
-    """sha256 of a checkpoint file, or of a folder's files (names and contents, sorted); None for a tag."""
-    if not path or not Path(path).exists():
-        return None
-    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        if Path(path).is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -272,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     from open_clip_medclip.errors import resolve_device
+    from open_clip_medclip.eval.classifier import sha256_of
     from open_clip_medclip.zero_shot import activate
 
     device = resolve_device(args.device)

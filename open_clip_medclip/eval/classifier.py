@@ -233,11 +233,21 @@ def build_classifier(model_name: str, init: str, class_names: Sequence[str], *, 
                            model_name=model_name, preprocess_cfg=preprocess_cfg)
 
 
-def _file_digest(path: str | None) -> str | None:
-    if not path or not os.path.isfile(path):
-        return path
+def sha256_of(path: str | None) -> str | None:
+    """sha256 of a checkpoint file, or of a folder's files (names and contents, sorted); None for a tag."""
+    if not path or not Path(path).exists():
+        return None
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for file in files:
+        if Path(path).is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def _file_digest(path: str | None) -> str | None:
+    """sha256 of a checkpoint file; a tag (or nothing) as given."""
+    return sha256_of(path) if path and os.path.isfile(path) else path
