@@ -37,6 +37,7 @@ from open_clip_medclip.demo_results import (
     LOSSES,
     MULTILABEL_SUITE,
     SHORT,
+    TAU1,
     _clean,
     ci_widths,
     compare,
@@ -48,7 +49,7 @@ from open_clip_medclip.demo_results import (
 )
 from open_clip_medclip.sources import SAMPLE_DATA_DIR as SAMPLE_DIR
 
-ARM_LABELS = {**LOSSES, "soft-tau1": "semantic matching (MedCLIP), label temperature 1"}
+ARM_LABELS = {**LOSSES, TAU1: "semantic matching (MedCLIP), label temperature 1"}
 RESULTS_FILE = "demo_results.json"
 
 
@@ -283,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = _step("[6/6] Paired comparison (bootstrap over held-out images and seeds), plots")
     results = compare(scored, args.losses, seeds, args.bootstrap, args.min_positives)
-    if "arms" in extra and demo_frozen_tau1() in extra["arms"]:  # MedCLIP's temperature 1 beside the chosen one
-        tau1_losses = [demo_frozen_tau1(), next(loss for loss in args.losses if loss != "soft")]
+    if TAU1 in extra.get("arms", ()):  # MedCLIP's temperature 1 beside the chosen one
+        tau1_losses = [TAU1, next(loss for loss in args.losses if loss != "soft")]
         extra["suites_label_temperature_1"] = compare(scored, tau1_losses, seeds, args.bootstrap, args.min_positives)
         extra["table_label_temperature_1"] = comparison_table(extra["suites_label_temperature_1"], tau1_losses)
     rel_checkpoints = {key: str(path.relative_to(out)) for key, path in checkpoints.items()}
@@ -292,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      rel_checkpoints, args.bootstrap,
                                                      confusion_seeds=seeds if args.full_towers else seeds[:1])
     if not args.no_plots and "curves" in extra:
-        plot_files.append(learning_curves_plot(out, model, extra, args))
+        from open_clip_medclip.demo_frozen import curves_png
+
+        path = curves_png(out / "plots" / "learning_curves.png", extra["learning_curves"], ARM_LABELS, args.batch_size,
+                          f"{model}, frozen trunks: training loss and held-out zero-shot AUC per epoch "
+                          f"(mean over {args.seeds} seeds; band: min to max)")
+        plot_files.append(str(path.relative_to(out)))
     table = comparison_table(results, args.losses)
     summary = {
         "model": model,
@@ -349,12 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def demo_frozen_tau1() -> str:
-    from open_clip_medclip.demo_frozen import TAU1
-
-    return TAU1
-
-
 def run_full_towers(out: Path, data: dict, args, model: str, seeds: list[int], timings: dict):
     """The paper's setting: whole towers trained inside OpenCLIP's trainer, scored through the zero-shot path."""
     t = _step(f"[4/6] Train {model} (full towers): {', '.join(LOSSES[x] for x in args.losses)} on identical streams, "
@@ -394,8 +394,10 @@ def run_frozen_towers(out: Path, data: dict, args, model: str, seeds: list[int],
         extra["label_temperature"] = {"chosen": args.label_temperature, "how": "given with --label-temperature"}
     timings["choose_temperature"] = time.time() - t
 
-    t = _step(f"[5/6] Train the heads and logit scale ({mode_budget(args)}): "
-              f"{', '.join(ARM_LABELS[k] for k in demo_frozen.arms(args.losses, args.label_temperature or 1.0))}, "
+    arm_keys = list(demo_frozen.arms(args.losses, args.label_temperature or 1.0))
+    steps = max(1, args.samples_per_epoch // args.batch_size)
+    t = _step(f"[5/6] Train the heads and logit scale ({args.epochs} epochs x {steps} steps of batch "
+              f"{args.batch_size}, lr {args.lr:g}): {', '.join(ARM_LABELS[k] for k in arm_keys)}, "
               f"seeds {seeds}, identical batches per seed")
     checkpoints, scored, curves = demo_frozen.train_all(out, state, args, seeds, args.label_temperature or 1.0)
     timings["train"] = time.time() - t
@@ -408,29 +410,14 @@ def run_frozen_towers(out: Path, data: dict, args, model: str, seeds: list[int],
           f"{extra['zero_shot_path_check']['max_abs_score_difference']:.2e}, max |AUC difference| "
           f"{extra['zero_shot_path_check']['max_abs_auc_difference']:.2e}")
     timings["evaluate"] = time.time() - t
-    arm_keys = list(demo_frozen.arms(args.losses, args.label_temperature or 1.0))
     extra["learning_curves"] = demo_frozen.curve_summary(curves, arm_keys, seeds)
     extra["curves"] = curves
     extra["arms"] = arm_keys
-    extra["budget"] = {"steps_per_run": args.epochs * max(1, args.samples_per_epoch // args.batch_size),
+    extra["budget"] = {"steps_per_run": args.epochs * steps,
                        "batch_size": args.batch_size, "runs": len(checkpoints),
                        "validation_runs": len(args.temperature_candidates) * args.validation_seeds
                        if "label_temperature" in extra and "candidates" in extra["label_temperature"] else 0}
     return checkpoints, scored, extra
-
-
-def mode_budget(args) -> str:
-    steps = max(1, args.samples_per_epoch // args.batch_size)
-    return f"{args.epochs} epochs x {steps} steps of batch {args.batch_size}, lr {args.lr:g}"
-
-
-def learning_curves_plot(out: Path, model: str, extra: dict, args) -> str:
-    from open_clip_medclip.demo_frozen import curves_png
-
-    path = curves_png(out / "plots" / "learning_curves.png", extra["learning_curves"], ARM_LABELS, args.batch_size,
-                      f"{model}, frozen trunks: training loss and held-out zero-shot AUC per epoch "
-                      f"(mean over {args.seeds} seeds; band: min to max)")
-    return str(path.relative_to(out))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Steps (after the shared labels, shards and suites):
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,13 @@ from open_clip_medclip import frozen
 from open_clip_medclip.demo_results import (
     BINARY_SUITES,
     MULTILABEL_SUITE,
+    TAU1,
     _positive_margin,
     kept_findings,
     nih_finding_targets,
     run_name,
     score_checkpoint,
 )
-
-TAU1 = "soft-tau1"  # MedCLIP's label temperature 1, reported beside the chosen one
 
 
 @dataclass
@@ -45,10 +45,6 @@ class FrozenSetup:
     validation_rows: np.ndarray
     init_logit_scale: float
     keep: list[int]           # multi-label suite: the findings scored
-
-
-def _text_features(model, tokenizer):
-    return lambda texts: frozen.text_trunk_features(model, tokenizer, texts)
 
 
 def setup(out: Path, data: dict, model_name: str, args) -> FrozenSetup:
@@ -73,7 +69,7 @@ def setup(out: Path, data: dict, model_name: str, args) -> FrozenSetup:
     cache = out / "features"
     features = frozen.build_training_features(model, model_name, tokenizer, data["train_data"], data["bank_data"],
                                               train_transform, preprocess, args.views, 0, cache)
-    text_features = _text_features(model, tokenizer)
+    text_features = functools.partial(frozen.text_trunk_features, model, tokenizer)
     tasks, suites = {}, {}
     for name, folder in data["suites"].items():
         suite = suites[name] = load_suite(str(folder))
@@ -214,16 +210,13 @@ def check_zero_shot_path(out: Path, state: FrozenSetup, checkpoints: dict, score
 def _auc_gap(full: dict, cached: dict, keep: list[int]) -> float:
     from open_clip_medclip.demo_stats import auc_rows
 
-    gap = 0.0
-    for suite in BINARY_SUITES:
-        positives = full[f"{suite}/targets"] == 1
-        a = auc_rows(_positive_margin(full[f"{suite}/scores"]), positives, None)[0]
-        b = auc_rows(_positive_margin(cached[f"{suite}/scores"]), positives, None)[0]
-        gap = max(gap, abs(float(a - b)))
+    views = [(suite, _positive_margin, full[f"{suite}/targets"] == 1) for suite in BINARY_SUITES]
     if keep:
         targets = full[f"{MULTILABEL_SUITE}/targets"][:, keep].astype(bool)
-        a = auc_rows(full[f"{MULTILABEL_SUITE}/scores"][:, keep], targets, None)[0]
-        b = auc_rows(cached[f"{MULTILABEL_SUITE}/scores"][:, keep], targets, None)[0]
+        views.append((MULTILABEL_SUITE, lambda scores: scores[:, keep], targets))
+    gap = 0.0
+    for suite, pick, positives in views:
+        a, b = (auc_rows(pick(scores[f"{suite}/scores"]), positives, None)[0] for scores in (full, cached))
         gap = max(gap, abs(float(a - b)))
     return gap
 

@@ -17,7 +17,8 @@ from open_clip_medclip.sources import SAMPLE_DATA_DIR as SAMPLE_DIR
 BINARY_SUITES = ("nih-pneumonia", "pediatric-pneumonia")
 MULTILABEL_SUITE = "nih-findings"
 LOSSES = {"soft": "semantic matching (MedCLIP)", "clip": "InfoNCE (CLIP)"}
-SHORT = {"soft": "semantic matching", "clip": "InfoNCE", "soft-tau1": "semantic matching (τ = 1)"}
+TAU1 = "soft-tau1"  # MedCLIP's label temperature 1, reported beside the chosen one (frozen towers)
+SHORT = {"soft": "semantic matching", "clip": "InfoNCE", TAU1: "semantic matching (τ = 1)"}
 
 
 def run_name(model: str, loss: str, seed: int) -> str:

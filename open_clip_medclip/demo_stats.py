@@ -10,13 +10,11 @@ it favours is better; otherwise a tie.
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from open_clip_medclip.eval.metrics import binary_auc_batch, finite_or_none, quantile_ci
+from open_clip_medclip.eval.metrics import binary_auc_batch, finite_or_none, nanmean, quantile_ci
 
 TIE = "tie"
 
@@ -32,16 +30,7 @@ def auc_rows(scores: np.ndarray, positives: np.ndarray, rows: np.ndarray | None)
         return binary_auc_batch(scores[rows], positives[rows])
     per_finding = np.stack([binary_auc_batch(scores[:, f][rows], positives[:, f][rows])
                             for f in range(scores.shape[1])], axis=1)
-    with _quiet():
-        return np.nanmean(per_finding, axis=1)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No 'Mean of empty slice' warnings: an all-NaN mean is NaN on purpose and is dropped from CIs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
+    return nanmean(per_finding, axis=1)  # an all-NaN mean is NaN on purpose and is dropped from CIs
 
 
 def verdict(ci: Sequence[float | None], better: str, worse: str) -> str:
@@ -85,13 +74,11 @@ def paired_comparison(scores: Mapping[str, np.ndarray], positives: np.ndarray, f
         boot[loss] = np.stack([metric(values[s], positives, image_rows) for s in range(num_seeds)], axis=1)
 
     def over_seeds(matrix: np.ndarray) -> np.ndarray:  # (R, S) -> (R,) mean over the resampled seeds
-        with _quiet():
-            return np.nanmean(np.take_along_axis(matrix, seed_rows, axis=1), axis=1)
+        return nanmean(np.take_along_axis(matrix, seed_rows, axis=1), axis=1)
 
     diff_point = point[first] - point[second]
     diff_boot = boot[first] - boot[second]
-    with _quiet():
-        images_only = np.nanmean(diff_boot, axis=1)
+    images_only = nanmean(diff_boot, axis=1)
     difference = {
         "value": finite_or_none(np.mean(diff_point)),
         "ci95": quantile_ci(over_seeds(diff_boot)),

@@ -379,8 +379,8 @@ class BatchSampler:
                 torch.from_numpy(data.image_labels[rows]), torch.from_numpy(data.text_labels[texts]))
 
 
-def _learning_rate(step: int, total: int, base: float, warmup: int) -> float:
-    """OpenCLIP's default schedule: linear warmup, then cosine to 0."""
+def warmup_cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """OpenCLIP's default schedule: linear warmup, then cosine to 0 (here and in `eval finetune`)."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -411,7 +411,7 @@ def train_heads(model: nn.Module, data: TrainingFeatures, budget: HeadTraining, 
         losses = []
         for _ in range(budget.steps_per_epoch):
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, total, budget.lr, budget.warmup_steps)
+                group["lr"] = warmup_cosine_lr(step, total, budget.lr, budget.warmup_steps)
             image, text, image_labels, text_labels = sampler()
             image_features = nn.functional.normalize(image_head(image), dim=-1)
             text_features = nn.functional.normalize(text_head(text), dim=-1)

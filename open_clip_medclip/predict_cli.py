@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import re
 import sys
@@ -158,21 +157,6 @@ def load_task_classifier(args: argparse.Namespace, device) -> tuple:
     return build_classifier(args, model, tokenizer), preprocess, model.visual.preprocess_cfg
 
 
-def sha256_of(path: str | None) -> str | None:
-    """sha256 of a checkpoint file, or of a folder's files (names and contents, sorted); None for a tag."""
-    if not path or not Path(path).exists():
-        return None
-    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        if Path(path).is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -187,11 +171,6 @@ def versions() -> dict[str, str | None]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
-
-
-def _input_image(tensor, mean: float, std: float):
-    """The model's input (first channel) back in 0..1, for drawing heatmaps over."""
-    return (tensor[0].cpu().numpy() * std + mean).clip(0, 1)
 
 
 class HeatmapWriter:
@@ -210,7 +189,7 @@ class HeatmapWriter:
 
         stem = f"{index:05d}_{_slug(path.stem)}"
         np.savez(self.stage / f"{stem}.npz", shares=shares, logits=logits, classes=np.array(self.classes))
-        picture = _input_image(image, self.mean, self.std)
+        picture = (image[0].cpu().numpy() * self.std + self.mean).clip(0, 1)  # the model's input (first channel)
         if max(picture.shape) < MIN_DRAWN_SIDE:  # small model inputs (128 px) are drawn larger, to be readable
             factor = -(-MIN_DRAWN_SIDE // max(picture.shape))
             picture = upsample(picture[None], (picture.shape[0] * factor, picture.shape[1] * factor))[0].clip(0, 1)
@@ -277,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     from open_clip_medclip.errors import resolve_device
+    from open_clip_medclip.eval.classifier import sha256_of
     from open_clip_medclip.zero_shot import activate
 
     device = resolve_device(args.device)

@@ -24,7 +24,7 @@ from torch import nn
 
 from open_clip_medclip.atomic import write_bytes
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.eval.embed import load_model
+from open_clip_medclip.eval.embed import evaluation_mode, load_model
 
 INITS = ("checkpoint", "imagenet", "random")
 CLASSIFIER_FORMAT = "open_clip_medclip.image_classifier/1"
@@ -72,8 +72,6 @@ class ImageClassifier(nn.Module):
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Inference logits: eval mode (no dropout / batch statistics), the previous mode restored."""
-        from open_clip_medclip.eval.embed import evaluation_mode
-
         with evaluation_mode(self):
             return self(images.to(self.head.weight.device))
 
@@ -81,7 +79,6 @@ class ImageClassifier(nn.Module):
     def heatmaps(self, images: torch.Tensor) -> torch.Tensor:
         """(n, C, h, w) exact additive shares of each logit (`heatmaps.head_shares`; `HeatmapUnsupported` for a
         tower whose pooling and projection do not commute)."""
-        from open_clip_medclip.eval.embed import evaluation_mode
         from open_clip_medclip.heatmaps import head_shares
 
         with evaluation_mode(self):
@@ -149,7 +146,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
         raise UserError(f"{path}: not a classifier saved by medclip eval finetune (format "
                         f"{metadata.get('format')!r}, expected {CLASSIFIER_FORMAT!r})")
     with _quiet_random_init():  # the random weights are replaced from the file just below
-        tower = _create_model(metadata["model_name"]).visual
+        tower = load_model(metadata["model_name"], None, "cpu", pretrained_text=False)[0].visual
     classifier = ImageClassifier(tower, int(metadata["feature_dim"]), json.loads(metadata["class_names"]),
                                  activation=metadata["activation"], model_name=metadata["model_name"],
                                  preprocess_cfg=json.loads(metadata["preprocess"]),
@@ -160,29 +157,19 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Ima
     return classifier.to(device).eval()
 
 
-class _RandomInitWarning(logging.Filter):
-    """Drops OpenCLIP's "No pretrained weights loaded ... initialized randomly" warning (a root-logger record)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
 @contextlib.contextmanager
 def _quiet_random_init():
-    """While a tower is created only to receive saved weights, its "initialized randomly" warning is noise."""
-    quiet = _RandomInitWarning()
+    """While a tower is created only to receive saved weights, OpenCLIP's "No pretrained weights loaded ...
+    initialized randomly" warning (a root-logger record) is noise."""
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
     logging.getLogger().addFilter(quiet)
     try:
         yield
     finally:
         logging.getLogger().removeFilter(quiet)
-
-
-
-def _create_model(model_name: str, pretrained: str | None = None, pretrained_image: bool = False):
-    """An OpenCLIP model on CPU (text tower without its pretrained weights: only the image tower is used)."""
-    model, _, _ = load_model(model_name, pretrained, "cpu", pretrained_image=pretrained_image, pretrained_text=False)
-    return model
 
 
 def imagenet_unavailable(model_name: str) -> str | None:
@@ -207,6 +194,15 @@ def imagenet_unavailable(model_name: str) -> str | None:
     return None
 
 
+def check_init(model_name: str, init: str, checkpoint: str | None) -> None:
+    """A start that cannot be built is a one-line UserError, before any training."""
+    reason = imagenet_unavailable(model_name) if init == "imagenet" else None
+    if reason:
+        raise UserError(f"--init imagenet: {reason}")
+    if init == "checkpoint" and not checkpoint:
+        raise UserError("--init checkpoint needs --pretrained CHECKPOINT (a MedCLIP / OpenCLIP checkpoint)")
+
+
 def build_classifier(model_name: str, init: str, class_names: Sequence[str], *, multilabel: bool = False,
                      checkpoint: str | None = None, seed: int = 0) -> ImageClassifier:
     """A fresh classifier on CPU: the tower from `init`, a new seeded linear head.
@@ -218,19 +214,14 @@ def build_classifier(model_name: str, init: str, class_names: Sequence[str], *, 
 
     if init not in INITS:
         raise UserError(f"--init {init}: choose from {', '.join(INITS)}")
-    if init == "checkpoint" and not checkpoint:
-        raise UserError("--init checkpoint needs --pretrained CHECKPOINT (a MedCLIP / OpenCLIP checkpoint)")
-    if init == "imagenet":
-        reason = imagenet_unavailable(model_name)
-        if reason:
-            raise UserError(f"--init imagenet: {reason}")
+    check_init(model_name, init, checkpoint)
     if init == "random" and (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get(
             "timm_model_pretrained"):
         raise UserError(f"--init random: model {model_name}'s config loads pretrained image weights itself")
     torch.manual_seed(seed)
-    model = _create_model(model_name, checkpoint if init == "checkpoint" else None,
-                          pretrained_image=init == "imagenet")
-    tower = model.visual
+    # The text tower without its pretrained weights: only the image tower is used.
+    tower = load_model(model_name, checkpoint if init == "checkpoint" else None, "cpu",
+                       pretrained_image=init == "imagenet", pretrained_text=False)[0].visual
     preprocess_cfg = dict(tower.preprocess_cfg)
     size = preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
@@ -242,11 +233,21 @@ def build_classifier(model_name: str, init: str, class_names: Sequence[str], *, 
                            model_name=model_name, preprocess_cfg=preprocess_cfg)
 
 
-def _file_digest(path: str | None) -> str | None:
-    if not path or not os.path.isfile(path):
-        return path
+def sha256_of(path: str | None) -> str | None:
+    """sha256 of a checkpoint file, or of a folder's files (names and contents, sorted); None for a tag."""
+    if not path or not Path(path).exists():
+        return None
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for file in files:
+        if Path(path).is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def _file_digest(path: str | None) -> str | None:
+    """sha256 of a checkpoint file; a tag (or nothing) as given."""
+    return sha256_of(path) if path and os.path.isfile(path) else path

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from open_clip_medclip.atomic import pid_alive, write_text
 from open_clip_medclip.errors import UserError, resolve_device
 from open_clip_medclip.eval import plots
 from open_clip_medclip.eval.metrics import DEFAULT_BOOTSTRAP, RETRIEVAL_KS, markdown_table, softmax
@@ -37,13 +38,10 @@ TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def _common(parser: argparse.ArgumentParser, needs_text: bool = True,
-            seed_help: str = "bootstrap (and probe) seed") -> None:
+def _common(parser: argparse.ArgumentParser, seed_help: str = "bootstrap (and probe) seed") -> None:
     parser.add_argument("--model", required=True, help="OpenCLIP model name, e.g. medclip-swin or medclip-tiny")
     parser.add_argument("--pretrained", default=None, help="checkpoint file/dir or tag; omit or 'none' for random weights")
     parser.add_argument("--suite", nargs="+", required=True,
@@ -62,8 +60,10 @@ def _common(parser: argparse.ArgumentParser, needs_text: bool = True,
 
 
 def _plots(prefix: Path, title: str, features, targets, scores, classes, confusion, multilabel: bool) -> list[str]:
+    """t-SNE (unless `features` is None), ROC and, given a confusion matrix, the matrix; the paths written."""
     written = []
-    path = plots.tsne_png(features, targets, classes, f"{prefix}_tsne.png", title=f"{title}: t-SNE")
+    path = None if features is None else plots.tsne_png(features, targets, classes, f"{prefix}_tsne.png",
+                                                        title=f"{title}: t-SNE")
     if path:
         written.append(str(path))
     probabilities = scores if multilabel else softmax(scores)
@@ -76,16 +76,6 @@ def _plots(prefix: Path, title: str, features, targets, scores, classes, confusi
 STAGING_MARK = ".tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours
-        return True
-    return True
-
-
 def clean_stale_staging(out: Path) -> list[Path]:
     """Remove staging folders (`.<suite>.tmp-<pid>-*`) that a killed run left in `out`; returns those removed."""
     removed = []
@@ -94,7 +84,7 @@ def clean_stale_staging(out: Path) -> list[Path]:
             pid = int(path.name.split(STAGING_MARK, 1)[1].split("-", 1)[0])
         except ValueError:
             continue
-        if path.is_dir() and (pid == os.getpid() or not _pid_alive(pid)):
+        if path.is_dir() and (pid == os.getpid() or not pid_alive(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -116,12 +106,6 @@ def staged_outputs(out: Path, name: str):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _finish(task: str, rows: list[tuple[str, dict]], columns, out: Path, failures: list[str],
             table: str | None = None) -> int:
     """Print the table (`markdown_table(rows, columns)` unless given); write `<out>/<task>.md` only when every suite
@@ -136,7 +120,7 @@ def _finish(task: str, rows: list[tuple[str, dict]], columns, out: Path, failure
                   f"{out}/{task}.md left as it was because {len(failures)} suite(s) failed.")
         raise UserError("; ".join(failures))
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / f"{task}.md", table + "\n")
+    write_text(out / f"{task}.md", table + "\n")
     print(f"\n{task}: {len(rows)} suite(s) evaluated, results in {out}/<suite>/{task}.json{extras} and {out}/{task}.md; "
           f"values are point estimates with bootstrap 95% CIs in brackets.")
     return 0
@@ -192,26 +176,23 @@ def eval_options(args: argparse.Namespace):
     return EvalOptions(**given, progress=not args.quiet)
 
 
-def _prepare(args: argparse.Namespace):
-    """Suites first, then the device policy, then the model: cheap checks fail before the model loads."""
+def _evaluated(args: argparse.Namespace, run, failures: list[str]):
+    """Suites first, then the device policy, then the model (cheap checks fail before the model loads); then
+    `_each_suite` over `run(model, suite, tokenizer, preprocess, device, options)`."""
     suites = _open_suites(args)
     device = resolve_device(args.device)
     from open_clip_medclip.eval.embed import load_model
 
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device)
-    return suites, device, model, preprocess, tokenizer
+    options = eval_options(args)
+    return _each_suite(args, suites, lambda suite: run(model, suite, tokenizer, preprocess, device, options), failures)
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.zeroshot import run_zeroshot
 
-    suites, device, model, preprocess, tokenizer = _prepare(args)
     rows, failures = [], []
-
-    def evaluate(suite):
-        return run_zeroshot(model, suite, tokenizer, preprocess, device, eval_options(args))
-
-    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+    for suite, result, stage in _evaluated(args, run_zeroshot, failures):
         folder = Path(args.out) / suite.name
         metrics = {**result.metrics, "model": args.model, "pretrained": args.pretrained}
         columns = ("macro_auc",) if suite.multilabel else TABLE_COLUMNS
@@ -231,13 +212,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.retrieval import run_retrieval
 
-    suites, device, model, preprocess, tokenizer = _prepare(args)
     rows, failures = [], []
-
-    def evaluate(suite):
-        return run_retrieval(model, suite, tokenizer, preprocess, device, eval_options(args))
-
-    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+    for suite, result, stage in _evaluated(args, run_retrieval, failures):
         metrics = result.metrics
         metrics.update({"model": args.model, "pretrained": args.pretrained})
         _write_json(stage / "retrieval.json", metrics)
@@ -249,13 +225,11 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 def cmd_linear_probe(args: argparse.Namespace) -> int:
     from open_clip_medclip.eval.linear_probe import run_linear_probe
 
-    suites, device, model, preprocess, _ = _prepare(args)
+    def run(model, suite, _tokenizer, preprocess, device, options):
+        return run_linear_probe(model, suite, preprocess, device, options)
+
     rows, failures = [], []
-
-    def evaluate(suite):
-        return run_linear_probe(model, suite, preprocess, device, eval_options(args))
-
-    for suite, result, stage in _each_suite(args, suites, evaluate, failures):
+    for suite, result, stage in _evaluated(args, run, failures):
         folder, metrics = Path(args.out) / suite.name, result.metrics
         metrics.update({"model": args.model, "pretrained": args.pretrained})
         if not args.no_plots:
@@ -303,15 +277,11 @@ def _finetune_plots(stage: Path, suite, summary: dict) -> list[str]:
     for start, row in summary["starts"].items():
         first = row["runs"][0]
         logits = np.asarray(first["test_logits"])
-        targets = np.asarray(summary["test_targets"])
-        title = f"{suite.name}: {summary['model']} fine-tuned from {start}, seed {first['seed']}"
-        probabilities = 1 / (1 + np.exp(-logits)) if suite.multilabel else softmax(logits)
-        written.append(str(plots.roc_png(targets, probabilities, suite.classes, stage / f"finetune_{start}_roc.png",
-                                         title=f"{title}: ROC")))
-        if not suite.multilabel:
-            written.append(str(plots.confusion_png(first["metrics"]["confusion_matrix"], suite.classes,
-                                                   stage / f"finetune_{start}_confusion.png",
-                                                   title=f"{title}: confusion")))
+        scores = 1 / (1 + np.exp(-logits)) if suite.multilabel else logits  # _plots applies softmax to multi-class
+        written += _plots(stage / f"finetune_{start}",
+                          f"{suite.name}: {summary['model']} fine-tuned from {start}, seed {first['seed']}", None,
+                          np.asarray(summary["test_targets"]), scores, suite.classes,
+                          None if suite.multilabel else first["metrics"]["confusion_matrix"], suite.multilabel)
     return written
 
 

@@ -17,10 +17,7 @@ Protocol, for every start (`--init checkpoint | imagenet | random`) and seed, th
 Each run keeps `progress.pt` (everything needed to continue: weights, optimizer, RNG states, history, best weights)
 written atomically after every epoch, so an interrupted run resumes where it stopped and reaches the same result;
 a finished run leaves `classifier.safetensors` and `run.json` (its test logits) and is reused by the next call
-with the same settings; different settings restart it.
-
-Modules: `classifier` (the tower + head and its file), `finetune_train` (one run's training loop and `--freeze`),
-`finetune_table` (the comparison over starts and seeds); here, the runs (reuse, resume, restart) and the summary.
+with the same settings; different settings restart it. Here: the runs (reuse, resume, restart) and the summary.
 """
 from __future__ import annotations
 
@@ -37,18 +34,9 @@ import torch
 
 from open_clip_medclip.atomic import write_text
 from open_clip_medclip.checkpoints import unreadable_reason
-from open_clip_medclip.errors import UserError
-from open_clip_medclip.eval.classifier import _file_digest, build_classifier, imagenet_unavailable, save_classifier
+from open_clip_medclip.eval import finetune_train
+from open_clip_medclip.eval.classifier import _file_digest, build_classifier, check_init, save_classifier
 from open_clip_medclip.eval.finetune_table import _spread, compare_starts, comparison_table
-from open_clip_medclip.eval.finetune_train import (
-    PROGRESS_FILE,
-    Splits,
-    _autocast,
-    _frozen_classifier,
-    predict_logits,
-    split_suite,
-    train_classifier,
-)
 from open_clip_medclip.eval.metrics import classification_metrics, multilabel_auc
 from open_clip_medclip.eval.options import EvalOptions, EvalResult
 from open_clip_medclip.eval.suites.definitions import SuiteError
@@ -69,7 +57,7 @@ def run_key(suite: Suite, model_name: str, init: str, checkpoint: str | None, se
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint: str | None, seed: int,
+def run_one(suite: Suite, splits: finetune_train.Splits, model_name: str, init: str, checkpoint: str | None, seed: int,
             options: EvalOptions, device: str | torch.device, run_dir: Path, *, progress: bool = True,
             restart: bool = False, after_epoch: Callable[[int], None] | None = None) -> dict:
     """One start and seed: reuse a finished run with the same settings, resume an interrupted one, or train; then
@@ -84,7 +72,7 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
             if progress:
                 print(f"   {run_dir.name}: reusing the finished run", flush=True)
             return record
-    stale = run_dir / PROGRESS_FILE
+    stale = run_dir / finetune_train.PROGRESS_FILE
     if stale.is_file():
         reason = unreadable_reason(str(stale))
         saved_key = None if reason else torch.load(stale, map_location="cpu", weights_only=True).get("config_key")
@@ -97,15 +85,15 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
     classifier = build_classifier(model_name, init, suite.classes, multilabel=suite.multilabel,
                                   checkpoint=checkpoint, seed=seed)
     if options.freeze:
-        training = _frozen_classifier(classifier, suite, options, seed, device, progress)
+        training = finetune_train._frozen_classifier(classifier, suite, options, seed, device, progress)
     else:
-        training = train_classifier(classifier, suite, splits.train, splits.val, options, seed, device, run_dir,
-                                    key, progress, after_epoch)
+        training = finetune_train.train_classifier(classifier, suite, splits.train, splits.val, options, seed, device,
+                                                   run_dir, key, progress, after_epoch)
     train_seconds = time.perf_counter() - started
     # The test split, once, by the selected model.
-    autocast = _autocast(device, options.precision)
-    logits, kept, failures = predict_logits(classifier, splits.test, device, options.batch_size, options.workers,
-                                            autocast)
+    autocast = finetune_train._autocast(device, options.precision)
+    logits, kept, failures = finetune_train.predict_logits(classifier, splits.test, device, options.batch_size,
+                                                           options.workers, autocast)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_classifier(classifier, classifier_path, training={
         "suite": suite.name, "manifest_sha256": suite.manifest_sha256, "init": init, "seed": seed,
@@ -119,9 +107,8 @@ def run_one(suite: Suite, splits: Splits, model_name: str, init: str, checkpoint
               "test_logits": logits.tolist(), "classifier": str(classifier_path)}
     write_text(record_path, json.dumps(record) + "\n")
     with contextlib.suppress(FileNotFoundError):
-        (run_dir / PROGRESS_FILE).unlink()
+        (run_dir / finetune_train.PROGRESS_FILE).unlink()
     return record
-
 
 
 def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint: str | None,
@@ -133,13 +120,9 @@ def run_finetune(suite: Suite, model_name: str, inits: Sequence[str], checkpoint
     progress = options.progress
     inits = list(dict.fromkeys(inits))
     for init in inits:  # cheap refusals before any training
-        reason = imagenet_unavailable(model_name) if init == "imagenet" else None
-        if reason:
-            raise UserError(f"--init imagenet: {reason}")
-        if init == "checkpoint" and not checkpoint:
-            raise UserError("--init checkpoint needs --pretrained CHECKPOINT (a MedCLIP / OpenCLIP checkpoint)")
-    splits = split_suite(suite, 0.0 if options.freeze else options.val_fraction, 1.0 if options.freeze else
-                         options.train_fraction, options.seed)
+        check_init(model_name, init, checkpoint)
+    splits = finetune_train.split_suite(suite, 0.0 if options.freeze else options.val_fraction,
+                                        1.0 if options.freeze else options.train_fraction, options.seed)
     if options.max_images is not None:
         splits.test = splits.test[:options.max_images]
     suite.check_images(splits.train + splits.val + splits.test)

@@ -23,6 +23,7 @@ from open_clip_medclip.eval.metrics import classification_metrics, multilabel_au
 from open_clip_medclip.eval.options import EvalOptions
 from open_clip_medclip.eval.suites.definitions import SuiteError
 from open_clip_medclip.eval.suites.load import Suite, SuiteEntry
+from open_clip_medclip.frozen import warmup_cosine_lr
 
 PROGRESS_FILE = "progress.pt"
 
@@ -111,14 +112,6 @@ def _selection_key(metrics: dict, select: str) -> tuple[float, float]:
     return (value, -metrics["loss"])
 
 
-def _lr_at(step: int, total: int, options: EvalOptions) -> float:
-    warmup = int(round(options.warmup_fraction * total))
-    if step < warmup:
-        return options.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return options.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _optimizer(classifier: nn.Module, options: EvalOptions) -> torch.optim.Optimizer:
     decay = [p for p in classifier.parameters() if p.ndim >= 2]
     no_decay = [p for p in classifier.parameters() if p.ndim < 2]
@@ -158,6 +151,7 @@ def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[
     val_targets = suite.label_index(val) if val else None
     loader = _loader(train, classifier.train_transform(), options.batch_size, options.workers, generator)
     total_steps = options.epochs * len(loader)
+    warmup_steps = int(round(options.warmup_fraction * total_steps))
     autocast = _autocast(device, options.precision)
     loss_fn = nn.BCEWithLogitsLoss() if suite.multilabel else nn.CrossEntropyLoss()
 
@@ -176,7 +170,7 @@ def train_classifier(classifier: ImageClassifier, suite: Suite, train: Sequence[
             if images is None or len(indices) < 2:  # BatchNorm cannot train on one image (left by a corrupt one)
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(epoch * len(loader) + step, total_steps, options)
+                group["lr"] = warmup_cosine_lr(epoch * len(loader) + step, total_steps, options.lr, warmup_steps)
             targets = train_targets[indices].to(device)
             with autocast():
                 logits = classifier(images.to(device, non_blocking=True))

@@ -56,25 +56,24 @@ def fit_linear_probe(model: torch.nn.Module, suite: Suite, entries: Sequence, pr
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     o = options or EvalOptions()
-    train_fraction, cs, seed = o.train_fraction, o.cs, o.seed
     with evaluation_mode(model) as model:
         x_train, kept, failures = embed_images(model, preprocess, [e.image_path for e in entries], device,
                                                o.batch_size, o.workers, o.progress, o.autocast)
     y_train = suite.label_index([entries[i] for i in kept])
-    if train_fraction < 1.0:
-        rows = per_class_sample(y_train, train_fraction, seed)
+    if o.train_fraction < 1.0:
+        rows = per_class_sample(y_train, o.train_fraction, o.seed)
         x_train, y_train = x_train[rows], y_train[rows]
     if len(np.unique(y_train)) < 2:
         raise SuiteError(f"{suite.source}: the train split has fewer than 2 classes")
     folds = int(min(5, np.bincount(y_train).min()))
     classifier = LogisticRegression(max_iter=2000)
-    if folds >= 2 and len(cs) > 1:
-        search = GridSearchCV(classifier, {"C": list(cs)}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                              scoring="balanced_accuracy")
+    if folds >= 2 and len(o.cs) > 1:
+        search = GridSearchCV(classifier, {"C": list(o.cs)}, scoring="balanced_accuracy",
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=o.seed))
         search.fit(x_train, y_train)
         best_c, classifier = float(search.best_params_["C"]), search.best_estimator_
     else:
-        best_c = float(cs[len(cs) // 2])
+        best_c = float(o.cs[len(o.cs) // 2])
         classifier.set_params(C=best_c).fit(x_train, y_train)
     return ProbeFit(classifier, best_c, folds, int(len(y_train)), failures)
 
@@ -96,15 +95,14 @@ def run_linear_probe(model: torch.nn.Module, suite: Suite | str, preprocess: Cal
         x_test, kept, test_failures = embed_images(model, preprocess, [e.image_path for e in test_entries], device,
                                                    o.batch_size, o.workers, o.progress, o.autocast)
     y_test = suite.label_index([test_entries[i] for i in kept])
-    classifier, best_c, folds, train_failures = fit.classifier, fit.best_c, fit.folds, fit.failures
     logits = np.full((len(x_test), len(suite.classes)), -np.inf)
-    logits[:, classifier.classes_] = classifier.predict_log_proba(x_test)
+    logits[:, fit.classifier.classes_] = fit.classifier.predict_log_proba(x_test)
     metrics = classification_metrics(y_test, np.maximum(logits, -1e9), suite.classes, o.bootstrap, o.seed)
     metrics.update({"suite": suite.name, "classes": suite.classes, "manifest_sha256": suite.manifest_sha256,
-                    "probe": {"model": "LogisticRegression", "C": best_c, "cv_folds": folds, "train_fraction": o.train_fraction,
-                              "num_train": fit.num_train, "seed": o.seed},
+                    "probe": {"model": "LogisticRegression", "C": fit.best_c, "cv_folds": fit.folds,
+                              "train_fraction": o.train_fraction, "num_train": fit.num_train, "seed": o.seed},
                     "num_images": len(test_entries),
-                    "num_excluded_corrupt": len(train_failures) + len(test_failures),
-                    "excluded_corrupt": train_failures + test_failures})
+                    "num_excluded_corrupt": len(fit.failures) + len(test_failures),
+                    "excluded_corrupt": fit.failures + test_failures})
     return EvalResult(metrics=metrics, features=x_test, targets=y_test, scores=logits,
                       entries=[test_entries[i] for i in kept])

@@ -19,7 +19,7 @@ DEFAULT_SEED = 0
 RETRIEVAL_KS: tuple[int, ...] = (1, 2, 5, 10)
 
 
-def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+def nanmean(values: np.ndarray, axis: int) -> np.ndarray:
     """`np.nanmean` that returns NaN for all-NaN slices without a RuntimeWarning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -50,7 +50,7 @@ def _balanced_accuracy(cm: np.ndarray) -> np.ndarray:
     correct = np.diagonal(cm, axis1=1, axis2=2)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, correct / support, np.nan)
-    return _nanmean(recall, axis=1)
+    return nanmean(recall, axis=1)
 
 
 def _per_class_f1(cm: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def _per_class_f1(cm: np.ndarray) -> np.ndarray:
 
 
 def _macro_f1(cm: np.ndarray) -> np.ndarray:
-    return _nanmean(_per_class_f1(cm), axis=1)
+    return nanmean(_per_class_f1(cm), axis=1)
 
 
 def binary_auc_batch(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def classification_metrics(y_true: Sequence[int], scores: np.ndarray, class_name
     if num_classes == 2:
         # Binary suites: class index 1 is the positive class (sklearn's binary roc_auc_score).
         out["auc"] = _with_ci(auc_matrix[0, 1], auc_matrix[1:, 1])
-    macro = _nanmean(auc_matrix, axis=1)
+    macro = nanmean(auc_matrix, axis=1)
     out["macro_auc"] = _with_ci(macro[0], macro[1:])
     out["per_class"] = per_class
     out["confusion_matrix"] = cm[0].astype(int).tolist()
@@ -171,7 +171,7 @@ def multilabel_auc(targets: np.ndarray, scores: np.ndarray, class_names: Sequenc
         columns.append(auc)
         per_label[cls] = {"support": int(targets[:, c].sum()), "auc": _with_ci(auc[0], auc[1:])}
     matrix = np.stack(columns, axis=1)
-    mean = _nanmean(matrix, axis=1)
+    mean = nanmean(matrix, axis=1)
     return {"num_samples": int(n), "num_resamples": int(num_resamples), "bootstrap_seed": int(seed),
             "macro_auc": _with_ci(mean[0], mean[1:]), "per_class": per_label}
 
@@ -208,8 +208,8 @@ def retrieval_metrics(similarity: np.ndarray, query_labels: Sequence[int], candi
                 f"hit@{k}": (found > 0).astype(np.float64),
             }
         for name, values in per_query.items():
-            boot = _nanmean(values[idx], axis=1) if len(idx) else np.zeros(0)
-            out[name] = _with_ci(_nanmean(values, axis=0), boot)
+            boot = nanmean(values[idx], axis=1) if len(idx) else np.zeros(0)
+            out[name] = _with_ci(nanmean(values, axis=0), boot)
     return out
 
 

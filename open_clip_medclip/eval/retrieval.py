@@ -59,13 +59,12 @@ def run_retrieval(model: torch.nn.Module, suite: Suite | str, tokenizer: Callabl
         text_features = embed_texts(model, tokenizer, texts, device, autocast=o.autocast)
     labels = suite.label_index([entries[i] for i in kept])
     similarity = features @ text_features.T
-    ks, num_resamples, seed = o.ks, o.bootstrap, o.seed
     return EvalResult(metrics={
         "suite": suite.name, "classes": suite.classes, "manifest_sha256": suite.manifest_sha256,
         "text_pool": {"source": str(o.texts) if o.texts else "suite prompts (all, deduplicated)",
                       "num_texts": len(texts), "per_class": {c: int(np.sum(np.array(text_labels) == i))
                                                               for i, c in enumerate(suite.classes)}},
-        "image_to_text": retrieval_metrics(similarity, labels, text_labels, ks, num_resamples, seed),
-        "text_to_image": retrieval_metrics(similarity.T, text_labels, labels, ks, num_resamples, seed),
+        "image_to_text": retrieval_metrics(similarity, labels, text_labels, o.ks, o.bootstrap, o.seed),
+        "text_to_image": retrieval_metrics(similarity.T, text_labels, labels, o.ks, o.bootstrap, o.seed),
         "num_images": len(entries), "num_excluded_corrupt": len(failures), "excluded_corrupt": failures,
     }, features=features, targets=labels, scores=similarity, entries=[entries[i] for i in kept])

@@ -20,7 +20,7 @@ import torch
 from open_clip_medclip.eval.embed import embed_images, embed_texts, evaluation_mode, logit_scale
 from open_clip_medclip.eval.metrics import classification_metrics, multilabel_auc
 from open_clip_medclip.eval.options import EvalOptions, EvalResult
-from open_clip_medclip.eval.prompts import chexzero_pairs, load_prompt_set, prompts_hash, sample_prompts, select_classes
+from open_clip_medclip.eval.prompts import chexzero_pairs, prompts_hash, select_classes
 from open_clip_medclip.eval.suites.definitions import suite_prompts
 from open_clip_medclip.eval.suites.load import Suite, load_suite
 
@@ -96,12 +96,7 @@ def auroc_summary(targets: np.ndarray, logits: np.ndarray, classes: Sequence[str
 def _resolve_prompts(suite: Suite, prompts: str | Mapping | None, per_class, seed: int) -> dict[str, list[str]]:
     if isinstance(prompts, Mapping):
         return select_classes(prompts, suite.classes, where="prompts")
-    if prompts:
-        spec = suite.definition.get("prompts") or {}
-        full = select_classes(load_prompt_set(prompts), suite.classes, spec.get("class_map"), where=f"prompt set {prompts!r}")
-        n = spec.get("per_class") if per_class == "default" else per_class
-        return sample_prompts(full, n, seed)
-    return suite_prompts(suite.definition, per_class=per_class, seed=seed)
+    return suite_prompts(suite.definition, prompts, per_class, seed)
 
 
 def suite_class_prompts(suite: Suite) -> tuple[dict[str, list[str]], str]:

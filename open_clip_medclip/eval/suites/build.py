@@ -24,7 +24,6 @@ from open_clip_medclip.eval.suites.definitions import (
     SPLITS,
     SUITE_FILE,
     SuiteError,
-    _safe_id,
     load_definition,
     suite_prompts,
 )
@@ -35,6 +34,7 @@ from open_clip_medclip.labels import apply_policy
 from open_clip_medclip.sources import SAMPLE_DATA_DIR
 from open_clip_medclip.sources.records import Record, Reject, SourceError
 from open_clip_medclip.sources.registry import get_source
+from open_clip_medclip.sources.suite_csv import safe_id
 
 
 def iter_raw_records(definition: Mapping, raw: str | Path) -> Iterator[Record | Reject]:
@@ -105,7 +105,7 @@ def collect_candidates(definition: Mapping, raw: str | Path) -> tuple[list[Candi
                 rejects.append({"id": item.id, "reason": "unknown_class", "detail": f"label {label!r} is not one of {classes}",
                                 "input": meta.get("where", "")})
                 continue
-        record_id = _safe_id(item.id)
+        record_id = safe_id(item.id)
         if record_id in seen:
             rejects.append({"id": item.id, "reason": "duplicate_id", "detail": "id already used", "input": item.image_path})
             continue
@@ -115,7 +115,6 @@ def collect_candidates(definition: Mapping, raw: str | Path) -> tuple[list[Candi
                                     split=str(split).lower() if split else None, frontal=_is_frontal(meta),
                                     where=str(meta.get("where", item.image_path))))
     return candidates, rejects
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +178,6 @@ class BuildResult:
 def manifest_sha256(path: str | Path) -> str:
     """sha256 of the manifest file's bytes (ids, splits, labels, image names and image hashes)."""
     return sha256_bytes(Path(path).read_bytes())
-
 
 
 def build_suite(name_or_definition: str | Path | Mapping, raw: str | Path, out: str | Path,
@@ -249,5 +247,3 @@ def build_suite(name_or_definition: str | Path | Mapping, raw: str | Path, out: 
     os.replace(staged, manifest)
     return BuildResult(out=out, manifest_sha256=record["build"]["manifest_sha256"], counts=counts,
                        num_rejected=len(rejects), rejects_path=rejects_path)
-
-

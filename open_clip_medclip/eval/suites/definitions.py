@@ -8,12 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from open_clip_medclip.errors import UserError
-from open_clip_medclip.eval.prompts import (
-    eval_suites_dir,
-    load_prompt_set,
-    sample_prompts,
-    select_classes,
-)
+from open_clip_medclip.eval.prompts import eval_suites_dir, load_prompt_set, sample_prompts, select_classes
 from open_clip_medclip.sources.records import read_csv_header
 from open_clip_medclip.sources.suite_csv import safe_id
 
@@ -30,7 +25,6 @@ class SuiteError(UserError, ValueError):
 
 class MissingImagesError(SuiteError, FileNotFoundError):
     """Images listed in a suite's manifest are not on disk; the message names them and the manifest."""
-
 
 
 def suites_root() -> Path:
@@ -68,7 +62,7 @@ def csv_definition(csv_path: str | Path) -> dict:
     """The definition of a no-code CSV suite: classes from the CSV (sorted), class names as prompts, its own splits."""
     path = Path(csv_path)
     task = "multilabel" if "labels" in read_csv_header(path) else "multiclass"
-    return {"name": _safe_id(path.stem), "classes": [], "task": task, "source": {"format": "csv"},
+    return {"name": safe_id(path.stem), "classes": [], "task": task, "source": {"format": "csv"},
             "recipe": {"kind": "all"}, "prompts": {"set": None}, "ensemble": "embed", "_path": str(path)}
 
 
@@ -86,9 +80,3 @@ def suite_prompts(definition: Mapping, prompt_set: str | None = None, per_class:
     full = select_classes(load_prompt_set(name), classes, spec.get("class_map"), where=f"prompt set {name!r}")
     n = spec.get("per_class") if per_class == "default" else per_class
     return sample_prompts(full, n, spec.get("seed", 42) if seed is None else seed)
-
-
-
-_safe_id = safe_id  # the suite CSV's id rule (`sources.suite_csv`), under its old name
-
-

@@ -92,5 +92,3 @@ def write_wds(out: Path, name: str, classes: Sequence[str], rows: Sequence[dict]
             write_tar(wds / split / f"{number}.tar", members)
         (wds / split / "nshards.txt").write_text(f"{len(shards)}\n", encoding="utf-8")
     return wds
-
-

@@ -25,7 +25,6 @@ class Candidate:
     where: str = ""
 
 
-
 def _by_class(candidates: Sequence[Candidate], classes: Sequence[str]) -> dict[str, list[Candidate]]:
     groups: dict[str, list[Candidate]] = {cls: [] for cls in classes}
     for cand in candidates:
@@ -126,5 +125,3 @@ def select_split(definition: Mapping, candidates: list[Candidate]) -> dict[str, 
     test = _cap_per_class(rng, test, classes, recipe.get("max_test_per_class"))
     train = _cap_per_class(rng, train, classes, recipe.get("max_train_per_class"))
     return {"test": test, "train": train}
-
-
