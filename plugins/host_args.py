@@ -2,7 +2,7 @@
 
 Host names touched: `open_clip_train.params.parse_args` (the trainer's own parser), `open_clip_train.data.
 expand_urls` (first shard of `--train-data`), `open_clip_train.distributed.world_info_from_env` (preflight).
-Decides whether `--model` is a MedCLIP model (`text_width.text_pooler_type`) and whether the data are MedCLIP
+Decides whether `--model` is a MedCLIP model (`text_width.is_medclip_model`) and whether the data are MedCLIP
 shards; refuses in one line, argparse style.
 """
 from __future__ import annotations
@@ -20,12 +20,6 @@ from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.options import MedclipOptions
 from open_clip_medclip.streams.faults import ShardSourceError
 from open_clip_medclip.streams.plan import preflight_shards
-from open_clip_medclip.text_width import MEDCLIP_POOLERS, text_pooler_type
-
-
-def is_medclip_config(model_name: str | None) -> bool:
-    """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
-    return text_pooler_type(model_name) in MEDCLIP_POOLERS
 
 
 def _is_tar_data(path, dataset_type: str) -> bool:

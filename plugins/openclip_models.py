@@ -29,6 +29,7 @@ from open_clip_medclip.plugins import HostMismatchError, missing_attributes, req
 from open_clip_medclip import hosted, models, padding_free, timm_weights
 from open_clip_medclip.download import MARKER_KEY, wrap_download_pretrained
 from open_clip_medclip.errors import UserError
+from open_clip_medclip.text_width import is_medclip_model, text_pooler_type
 
 # `open_clip.push_to_hf_hub` is shadowed by the function of that name in open_clip's namespace
 hf_hub_module = importlib.import_module("open_clip.push_to_hf_hub")
@@ -118,11 +119,6 @@ def _enable_hidden_states(module: torch.nn.Module, name: str, submodule: torch.n
     return None
 
 
-def is_medclip_model(model: torch.nn.Module) -> bool:
-    text = getattr(model, "text", None)
-    return isinstance(getattr(text, "pooler", None), models.MedclipPooler)
-
-
 class PaddingFreeTextEncoder(hf_model.HFTextEncoder):
     """OpenCLIP's HF text tower, run padding-free (`padding_free.encode`); set by `enable_padding_free_text`."""
 
@@ -143,7 +139,7 @@ def enable_padding_free_text(clip_model: torch.nn.Module) -> torch.nn.Module:
     text = getattr(clip_model, "text", None)
     if isinstance(text, PaddingFreeTextEncoder):
         return clip_model
-    if type(text) is not hf_model.HFTextEncoder or not models.pools_without_padding(clip_model):
+    if type(text) is not hf_model.HFTextEncoder or text_pooler_type(clip_model) != "medclip_masked_pooler":
         pooler = type(getattr(text, "pooler", None)).__name__
         raise UserError(f"--medclip-padding-free needs a Hugging Face text tower with medclip_masked_pooler "
                         f"(the medclip-*-masked models); this model's text pooler is {pooler}")

@@ -39,7 +39,6 @@ from open_clip_medclip.plugins.host_args import (
     _refused_on_one_line,
     data_has_medclip_labels,
     host_refusal,
-    is_medclip_config,
     medclip_options_parser,
     preflight,
 )
@@ -64,7 +63,7 @@ from open_clip_medclip.options import MedclipOptions
 from open_clip_medclip.streams.faults import ShardSourceError
 from open_clip_medclip.streams.plan import check_shards_exist
 from open_clip_medclip.streams.stages import get_medclip_wds_dataset
-from open_clip_medclip.text_width import text_pooler_type
+from open_clip_medclip.text_width import is_medclip_model, text_pooler_type
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -412,7 +411,7 @@ def host_parse_args(original: Callable, argv, namespace: dict):
     parsed, rest = parser.parse_known_args(argv)
     options = MedclipOptions.from_args(parsed)
     args = original(rest)
-    if not is_medclip_config(args.model):
+    if not is_medclip_model(args.model):
         given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
         if given:
             host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
