@@ -18,7 +18,7 @@ import open_clip_train.params
 
 from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.options import MedclipOptions
-from open_clip_medclip.streams.faults import ShardSourceError
+from open_clip_medclip.streams.faults import ShardSourceError, is_remote_url
 from open_clip_medclip.streams.plan import preflight_shards
 
 
@@ -36,11 +36,11 @@ def first_shard(train_data: str) -> str | None:
     return urls[0] if urls else None
 
 
-def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float | None = None) -> bool:
+def shard_carries_medclip_labels(url: str, timeout: float, max_members: int = 64) -> bool:
     """True when the first `.json` member of shard `url` is a MedCLIP sample record (`kind` and `labels`).
 
     Reads one shard's first members through `openclip_data.open_url` (local paths, `pipe:`, http(s) and fsspec
-    URLs; remote reads with the --medclip-shard-timeout). A shard that cannot be read at all (server down, HTTP
+    URLs; remote reads with the `timeout`, --medclip-shard-timeout). A shard that cannot be read at all (server down, HTTP
     error, stalled, a failing `pipe:` command) raises `ShardSourceError`: treating it as plain OpenCLIP data would
     train the wrong way, silently. A readable file that is not a tar, or holds no MedCLIP record, is plain data.
     """
@@ -49,10 +49,7 @@ def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float
     from open_clip_medclip.plugins.openclip_data import open_url
 
     from open_clip_medclip.shards.format import KINDS
-    from open_clip_medclip.streams.faults import ShardFailurePolicy, is_remote_url
 
-    if timeout is None and is_remote_url(url):
-        timeout = ShardFailurePolicy.from_args().timeout
     stream = None
     try:
         stream = open_url(url, timeout)
@@ -86,8 +83,7 @@ def data_has_medclip_labels(args) -> tuple[bool, str | None]:
     if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
         return False, None
     url = first_shard(data)
-    timeout = MedclipOptions.from_args(args).shard_timeout
-    return (bool(url) and shard_carries_medclip_labels(url, timeout=timeout)), url
+    return (bool(url) and shard_carries_medclip_labels(url, MedclipOptions.from_args(args).shard_timeout)), url
 
 
 def medclip_options_parser() -> argparse.ArgumentParser:

@@ -62,6 +62,12 @@ OFFICIAL_WEIGHT_URLS = {
 }
 
 
+def _warn_random_weights(text_tower) -> None:
+    if str(text_tower) == models.BIO_CLINICALBERT_HUB_ID:
+        log.warning("Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
+                    text_tower, models.TEXT_WEIGHTS_ENV)
+
+
 class _BundledTowerResolver:
     """Stands in for transformers' AutoConfig/AutoModel inside `open_clip.hf_model` only.
 
@@ -97,11 +103,7 @@ class _BundledTowerResolver:
             if self._builds_model:
                 kwargs = self._attention(_ORIGINAL.AutoConfig.from_pretrained(str(folder)), kwargs)
             return self._auto.from_pretrained(str(folder), *args, **kwargs)
-        if str(name_or_path) == models.BIO_CLINICALBERT_HUB_ID:
-            log.warning(
-                "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
-                name_or_path, models.TEXT_WEIGHTS_ENV,
-            )
+        _warn_random_weights(name_or_path)
         config = _ORIGINAL.AutoConfig.from_pretrained(str(folder))
         return self._auto.from_config(config, **self._attention(config, kwargs))
 
@@ -188,11 +190,7 @@ def _create_model(model_name, *args, **kwargs):
         name = _random_text_tower(model_name, kwargs)
         if name is not None:
             kwargs["pretrained_text"] = False
-            if name == models.BIO_CLINICALBERT_HUB_ID:
-                log.warning(
-                    "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
-                    name, models.TEXT_WEIGHTS_ENV,
-                )
+            _warn_random_weights(name)
     model = _ORIGINAL.create_model(model_name, *args, **kwargs)
     if is_medclip_model(model):
         models.enable_fused_attention(model)  # Swin WindowAttention: timm leaves it unfused ("experimental")

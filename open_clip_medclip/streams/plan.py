@@ -158,7 +158,8 @@ def _explicit_indexes(value: str | None, groups: int) -> list[str | None]:
     return locations
 
 
-def _located_shards(urls: str, index_option: str | None, weights=None) -> Iterator[tuple[str, float | None, str | None]]:
+def _located_shards(urls: str, index_option: str | None, weights=None
+                    ) -> Iterator[tuple[str, float | None, str | None]]:
     """(shard URL, upsampling factor, `--medclip-index` location or None) of every shard of `urls`' groups."""
     groups = expand_shard_groups(urls, weights)
     for (shards, factor), location in zip(groups, _explicit_indexes(index_option, len(groups)), strict=True):
