@@ -1,8 +1,5 @@
-"""The `--medclip-*` options, declared once: name, type, default, help (`MedclipOptions`).
-
-Both front doors (`medclip train` and plain `open_clip_train.main` with the autoload) generate their flags from
-this dataclass (`add_arguments`), and the library reads the values through `MedclipOptions.of(args)`: one typed
-object, defaults stated only here, whether `args` came from either parser or was built by hand (tests).
+"""The `--medclip-*` options, declared once (`MedclipOptions`: name, type, default, help). Both front doors generate
+their flags from it (`add_arguments`); the library reads one typed object (`MedclipOptions.from_args(args)`).
 """
 from __future__ import annotations
 

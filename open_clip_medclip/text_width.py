@@ -48,11 +48,9 @@ def text_pooler_type(model: str | nn.Module | None) -> str | None:
         text_cfg = text_config(model)
         if not text_cfg.get("hf_model_name"):
             return None
-        if text_cfg.get("hf_pooler_type"):
-            return text_cfg["hf_pooler_type"]
         import open_clip
 
-        return open_clip.CLIPTextCfg.hf_pooler_type
+        return text_cfg.get("hf_pooler_type") or open_clip.CLIPTextCfg.hf_pooler_type
     pooler = getattr(getattr(model, "text", None), "pooler", None)
     return None if pooler is None else re.sub(r"(?<!^)(?=[A-Z])", "_", type(pooler).__name__).lower()
 

@@ -28,14 +28,6 @@ def _is_tar_data(path, dataset_type: str) -> bool:
     return dataset_type == "auto" and isinstance(path, str) and path.split(".")[-1] == "tar"
 
 
-def first_shard(train_data: str) -> str | None:
-    try:
-        urls, _ = open_clip_train.data.expand_urls(train_data)
-    except Exception:  # malformed brace notation etc.: the trainer reports it itself
-        return None
-    return urls[0] if urls else None
-
-
 def shard_carries_medclip_labels(url: str, timeout: float, max_members: int = 64) -> bool:
     """True when the first `.json` member of shard `url` is a MedCLIP sample record (`kind` and `labels`).
 
@@ -82,7 +74,11 @@ def data_has_medclip_labels(args) -> tuple[bool, str | None]:
     data = getattr(args, "train_data", None) or getattr(args, "val_data", None)
     if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
         return False, None
-    url = first_shard(data)
+    try:
+        urls, _ = open_clip_train.data.expand_urls(data)
+    except Exception:  # malformed brace notation etc.: the trainer reports it itself
+        return False, None
+    url = urls[0] if urls else None
     return (bool(url) and shard_carries_medclip_labels(url, MedclipOptions.from_args(args).shard_timeout)), url
 
 

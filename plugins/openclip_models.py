@@ -1,18 +1,15 @@
 """Host glue for the `open_clip` library: the only place that touches OpenCLIP's model-factory internals.
 
 What it does, and why each step needs OpenCLIP internals (OpenCLIP 3.3 has no plugin registry for these):
-- model configs go into `factory._MODEL_CONFIGS` (public `add_model_config` would re-read our JSON files from
-  disk and lose the bundled tokenizer path);
-- `hf_model.AutoConfig` / `hf_model.AutoModel` are wrapped so hub text towers named by our configs resolve to the
-  bundled config (offline, random init) unless the user asks for hub weights;
-- `factory.load_checkpoint` is wrapped so official MedCLIP checkpoints (`pytorch_model.bin` or the released zip)
-  convert on load, and load errors name the file and list the keys;
-- `factory.set_model_preprocess_cfg` is wrapped so MedCLIP models get MedCLIP preprocessing instead of the OpenAI
-  defaults when nothing more specific was asked for;
-- pretrained tags for the official weights go into `pretrained._PRETRAINED`;
+- model configs go into `factory._MODEL_CONFIGS` (`add_model_config` would re-read our JSON, losing the bundled
+  tokenizer path); pretrained tags for the official weights into `pretrained._PRETRAINED`;
+- wrapped: `hf_model.AutoConfig` / `hf_model.AutoModel` (hub text towers of our configs resolve to the bundled
+  config unless hub weights are asked for), `factory.load_checkpoint` (official checkpoints convert on load; errors
+  name the file), `factory.set_model_preprocess_cfg` (MedCLIP preprocessing unless something more specific was
+  asked for), `factory.create_model` and `factory.download_pretrained`;
 - BERT's `arch_dict` entry gains the layer names that `--lock-text-unlocked-layers` needs.
-The pooler uses the public `register_pooler`, and hidden states are switched on with a torch module-registration
-hook (no OpenCLIP symbol involved). Every patched attribute is checked at import; a missing one fails loudly.
+The poolers use the public `register_pooler`; hidden states are switched on with a torch module-registration hook.
+Every patched attribute is checked at import; a missing one fails loudly.
 """
 from __future__ import annotations
 

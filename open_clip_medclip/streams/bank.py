@@ -58,7 +58,6 @@ class SentenceBank:
         # policy lookup by code (codes were checked to lie in BLANK_CODE..1 by apply_policy above)
         self._table = label_contract.apply_policy(np.arange(label_contract.BLANK_CODE, 2, dtype=np.int8), policy)
 
-    # construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_texts(cls, texts: Sequence[str], codes: np.ndarray, policy: str = "zeros") -> SentenceBank:
         """From sentence texts and their raw codes [N, 14]; stripped duplicates keep their first labels."""
@@ -96,7 +95,6 @@ class SentenceBank:
         codes = np.frombuffer(b"".join(c for _, c in seen), dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
         return cls(*pack_texts([t for t, _ in seen]), codes, policy)
 
-    # access ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.codes)
 
@@ -125,7 +123,6 @@ class SentenceBank:
         return self.buffer.nbytes + self.offsets.nbytes + self.codes.nbytes + self.masks.nbytes + \
             sum(a.nbytes for a in self.by_finding)
 
-    # drawing -----------------------------------------------------------------------------------------------
     def draw(self, image_targets: Sequence[float], rng: random.Random) -> tuple[int, str]:
         """Index of a sentence for an image (policy-applied targets) and the rule that chose it.
 

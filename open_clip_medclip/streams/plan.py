@@ -85,12 +85,10 @@ class _IndexCache:
         return where, ShardCounts({k: int(v) for k, v in index.shards[name].kinds.items()})
 
     def longer_side(self, index_location: str, shard_url: str) -> int | None:
-        """The build's `provenance.image.longer_side`, for the decoded-image size check `validate` also runs.
+        """The build's `provenance.image.longer_side` (not in the index), for the size check `validate` also runs.
 
-        The shard index does not record it, so `provenance.json` (a few hundred bytes, written beside the shards
-        by every build) is read once per build and rank: at the index's prefix, else at the shard's own prefix
-        (an index given with --medclip-index may live elsewhere). Without a readable provenance the size check is
-        off (None) and the log says so; the mode check and every other check still run.
+        Read once per build and rank from the small `provenance.json` at the index's prefix, else at the shard's own
+        (an index given with --medclip-index may live elsewhere); None, and logged, without a readable one.
         """
         from ..shards.format import PROVENANCE_FILE
         from ..shards.index import index_url, sibling_url

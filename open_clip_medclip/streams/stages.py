@@ -99,12 +99,9 @@ class StreamStats:
 
 
 class ShardReader:
-    """Pipeline stage: `{"url": ...}` dicts in, the samples of each shard out, counted per shard.
-
-    Opens any URL webdataset or fsspec opens (`plugins.openclip_data.open_url`). A shard whose stream ends
-    early is compared with the index when it ends; errors name the shard. Remote reads retry, and failing
-    sources stop the run, as `policy` (`ShardFailurePolicy`) says.
-    """
+    """Pipeline stage: `{"url": ...}` dicts in, the samples of each shard (any URL) out, counted per shard and
+    compared with the index when it ends; errors name the shard. Remote reads retry and failing sources stop the
+    run as `policy` says."""
 
     def __init__(self, stats: StreamStats, policy: ShardFailurePolicy | None = None, epoch=None) -> None:
         self.stats = stats
@@ -245,11 +242,8 @@ def epoch_rng(purpose: str, seed: int, rank: int, epoch) -> random.Random:
 
 
 class PairTexts:
-    """Pipeline stage giving each image its text and both target vectors (the policy applied once, here).
-
-    The RNG is re-seeded at every pass from (seed, rank, dataloader worker, epoch), so pairings differ per
-    worker and per epoch yet repeat exactly across runs with the same seed.
-    """
+    """Pipeline stage giving each image its text and both target vectors (the policy applied once, here); pairings
+    are drawn with `epoch_rng`, so they differ per worker and epoch yet repeat exactly across runs."""
 
     def __init__(self, bank: SentenceBank, policy: str = "zeros", seed: int = 0, rank: int = 0, epoch=None) -> None:
         self.bank = bank
@@ -321,18 +315,11 @@ class ToTrainingSample:
 class BucketByLength:
     """`--medclip-text-bucket N`: length bucketing of the training stream, off by default.
 
-    Takes `pool` batches' worth of paired samples at a time, tokenizes their texts in one call (the rows travel on
-    as the samples' `tokens`, so `PackBatch` does not tokenize again), sorts them by token length (stable: equal
-    lengths keep the shuffle buffer's random order), cuts the sorted pool into runs of `batch_size` and yields the
-    runs in an order shuffled by an RNG seeded per (seed, rank, worker, epoch). `wds.batched` downstream cuts
-    exactly these runs, so each batch holds texts of similar length and its trimmed width shrinks.
-
-    Nothing is added or dropped: the samples of an epoch and its number of batches are those without bucketing.
-    `worker_batches` (the worker's batches per epoch, from `with_epoch`) is a quota of full batches carried across
-    the passes `with_epoch` repeats within an epoch, so no pool reaches into samples the epoch would not have used:
-    the last pool of an epoch (or of a pass that runs dry) is partial, and its trailing `len % batch_size` samples,
-    in stream order (what `batched(partial=False)` drops), stay out of the sort and come last. Bucketing changes
-    which negatives share a batch: sentences of similar length.
+    Tokenizes `pool` batches' worth of samples in one call (the rows travel on as `tokens`, so `PackBatch` does not
+    tokenize again), sorts them stably by token length, cuts them into the runs of `batch_size` that `wds.batched`
+    downstream cuts, and yields the runs in a seeded shuffled order. Nothing is added or dropped: `worker_batches`
+    (from `with_epoch`) is a quota of full batches carried across the passes of an epoch, so no pool reaches into
+    samples the epoch would not use; a partial pool's trailing `len % batch_size` samples stay unsorted, last.
     """
 
     def __init__(self, tokenizer: Callable, pool: int, batch_size: int, seed: int = 0, rank: int = 0, epoch=None,
