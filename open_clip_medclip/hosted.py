@@ -1,10 +1,7 @@
-"""Host pieces the library calls but does not import: the glue (`plugins/`) hands them in.
+"""Host pieces the library calls but does not import (dependencies run one way: tests/test_dependencies.py).
 
-Dependencies run one way: `plugins/` imports the library, never the reverse (tests/test_dependencies.py). Where a
-library stage needs a host internal (OpenCLIP's feature all-gather and `save_for_hf`, webdataset's tar reader and
-shuffle buffer, the splice into open_clip_train's `get_wds_dataset`), the glue provides it here (`provide`, from
-`plugins.openclip_models.install`, which `open_clip_medclip.register()` runs whenever `open_clip` is imported), and
-the library looks it up by name (`piece`).
+The glue provides them (`provide`, from `plugins.openclip_models.install`, run by `open_clip_medclip.register()`
+whenever `open_clip` is imported); the library looks them up by name (`piece`).
 """
 from __future__ import annotations
 

@@ -150,11 +150,6 @@ class MedclipMaskedPooler(MedclipPooler):
     masked = True
 
 
-def pools_without_padding(model: nn.Module) -> bool:
-    """Whether `model`'s text tower pools with `medclip_masked_pooler`: its embeddings do not depend on padding."""
-    return isinstance(getattr(getattr(model, "text", None), "pooler", None), MedclipMaskedPooler)
-
-
 def enable_fused_attention(model: nn.Module) -> int:
     """Run every timm attention module of `model` through `F.scaled_dot_product_attention`; returns how many.
 

@@ -1,8 +1,5 @@
-"""The `--medclip-*` options, declared once: name, type, default, help (`MedclipOptions`).
-
-Both front doors (`medclip train` and plain `open_clip_train.main` with the autoload) generate their flags from
-this dataclass (`add_arguments`), and the library reads the values through `MedclipOptions.of(args)`: one typed
-object, defaults stated only here, whether `args` came from either parser or was built by hand (tests).
+"""The `--medclip-*` options, declared once (`MedclipOptions`: name, type, default, help). Both front doors generate
+their flags from it (`add_arguments`); the library reads one typed object (`MedclipOptions.from_args(args)`).
 """
 from __future__ import annotations
 
@@ -28,7 +25,10 @@ def _option(default, help: str, **argparse_keywords):
     return field(default=default, metadata={"help": help, **argparse_keywords})
 
 
-_SHARD = SHARD_FAILURE_DEFAULTS
+def _shard_option(name: str, metavar: str, help: str):
+    """A `--medclip-shard-*` field: default and type from SHARD_FAILURE_DEFAULTS, `{default}` in `help` filled in."""
+    default = SHARD_FAILURE_DEFAULTS[name]
+    return _option(default, type=type(default), metavar=metavar, help=help.format(default=default))
 
 
 @dataclass(frozen=True)
@@ -84,25 +84,20 @@ class MedclipOptions:
         help="built evaluation suite (folder from `medclip eval build-suite`, repeatable) evaluated zero-shot on the "
         "master rank every --zeroshot-frequency epochs and at the end; metrics go to results.jsonl and tb/wandb")
     # Failing shard sources (http(s), pipe:, fsspec URLs): bounded retries, then a clean stop (ShardFailurePolicy)
-    shard_retries: int = _option(
-        _SHARD["retries"], type=int, metavar="N",
-        help=f"re-reads of a remote shard whose read fails (default {_SHARD['retries']}), waiting "
+    shard_retries: int = _shard_option(
+        "retries", "N", "re-reads of a remote shard whose read fails (default {default}), waiting "
         "--medclip-shard-backoff, then 2x, 4x ... seconds; samples already delivered are not repeated")
-    shard_timeout: float = _option(
-        _SHARD["timeout"], type=float, metavar="SECONDS",
-        help=f"an http(s) or pipe: shard read that gets no byte for this long fails (the pipe: command is killed; "
-        f"default {_SHARD['timeout']:g})")
-    shard_backoff: float = _option(
-        _SHARD["backoff"], type=float, metavar="SECONDS",
-        help=f"wait before the first retry, doubled at each next one, at most 60 (default {_SHARD['backoff']:g})")
-    shard_max_failures: int = _option(
-        _SHARD["max_failures"], type=int, metavar="N",
-        help=f"stop the run when N remote shards in a row fail after their retries (default "
-        f"{_SHARD['max_failures']}); exit code 3, checkpoints kept, continue with --resume latest")
-    shard_max_skipped: float = _option(
-        _SHARD["max_skipped"], type=float, metavar="FRACTION",
-        help=f"stop the run when a loader worker skips more than this fraction of its shards in an epoch (default "
-        f"{_SHARD['max_skipped']:g}; with few shards per worker, one failed shard stops it)")
+    shard_timeout: float = _shard_option(
+        "timeout", "SECONDS", "an http(s) or pipe: shard read that gets no byte for this long fails (the pipe: command "
+        "is killed; default {default:g})")
+    shard_backoff: float = _shard_option(
+        "backoff", "SECONDS", "wait before the first retry, doubled at each next one, at most 60 (default {default:g})")
+    shard_max_failures: int = _shard_option(
+        "max_failures", "N", "stop the run when N remote shards in a row fail after their retries (default "
+        "{default}); exit code 3, checkpoints kept, continue with --resume latest")
+    shard_max_skipped: float = _shard_option(
+        "max_skipped", "FRACTION", "stop the run when a loader worker skips more than this fraction of its shards in "
+        "an epoch (default {default:g}; with few shards per worker, one failed shard stops it)")
 
     @staticmethod
     def flag(name: str) -> str:

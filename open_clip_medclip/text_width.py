@@ -1,15 +1,17 @@
 """Text width: which pooler a model's text tower uses, and how many token columns each batch keeps.
 
-One answer for training (the streams), evaluation and the benchmarks: `text_pooler_type` reads the pooler from the
-model config (an OpenCLIP name or a `local-dir:` folder); `text_multiple_for` turns it into the trim multiple
-(`--medclip-text-multiple auto`); `trim_tokens` drops the padding columns behind a batch's longest text.
+One answer for training (the streams), evaluation and the benchmarks: `text_pooler_type` names the pooler of a model
+name or a built model; `text_multiple` turns it into the trim multiple; `trim_tokens` drops the padding columns behind
+a batch's longest text.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
+from torch import nn
 
 from .errors import UserError
 from .options import MedclipOptions
@@ -35,9 +37,42 @@ def text_config(model_name: str | None) -> dict:
     return (config or {}).get("text_cfg") or {}
 
 
-def text_pooler_type(model_name: str | None) -> str | None:
-    """The `hf_pooler_type` of `--model`'s config, None if it has none."""
-    return text_config(model_name).get("hf_pooler_type")
+def text_pooler_type(model: str | nn.Module | None) -> str | None:
+    """The pooler of a Hugging Face text tower, by the name OpenCLIP registers it under; None for OpenCLIP's own.
+
+    A model name (OpenCLIP name or `local-dir:` folder) is answered from its config (no `hf_pooler_type`: OpenCLIP's
+    `CLIPTextCfg` default); a built model from its tower's pooler class, snake-cased as `register_pooler` does
+    (MedclipMaskedPooler -> medclip_masked_pooler).
+    """
+    if model is None or isinstance(model, str):
+        text_cfg = text_config(model)
+        if not text_cfg.get("hf_model_name"):
+            return None
+        import open_clip
+
+        return text_cfg.get("hf_pooler_type") or open_clip.CLIPTextCfg.hf_pooler_type
+    pooler = getattr(getattr(model, "text", None), "pooler", None)
+    return None if pooler is None else re.sub(r"(?<!^)(?=[A-Z])", "_", type(pooler).__name__).lower()
+
+
+def is_medclip_model(model: str | nn.Module | None) -> bool:
+    """Whether a model name or built model has a MedCLIP text pooler (what makes it a MedCLIP model here)."""
+    return text_pooler_type(model) in MEDCLIP_POOLERS
+
+
+def text_multiple(pooler_type: str | None, training: bool) -> int:
+    """The trim multiple (`--medclip-text-multiple auto`) for a text tower whose pooler is `pooler_type`.
+
+    OpenCLIP's own text transformer (None) is never trimmed. Training trims every HF tower: MedCLIP's reference
+    pooler (`medclip_pooler`, which averages padding too) to exactly the longest text, as the authors' collator pads;
+    other poolers mask padding, so rounding up to 8 changes nothing. Evaluation trims only `medclip_masked_pooler`:
+    the reference pooler's embeddings depend on the width, so there it keeps the tokenizer's.
+    """
+    if pooler_type is None:
+        return 0
+    if training:
+        return 1 if pooler_type == "medclip_pooler" else 8
+    return 8 if pooler_type == "medclip_masked_pooler" else 0
 
 
 def trim_tokens(tokens: torch.Tensor, multiple: int = 8, pad_id: int = 0) -> torch.Tensor:
@@ -59,12 +94,7 @@ def trimmed_width(longest: int, full_width: int, multiple: int) -> int:
 
 
 def text_multiple_for(args) -> int:
-    """`--medclip-text-multiple`: an int, or `auto` (default) from the model's text tower.
-
-    auto: HF text towers with MedCLIP's reference pooler (`medclip_pooler`, which averages padding too) trim to
-    exactly the longest text, as the authors' collator pads; other HF towers mask padding, so their embeddings do
-    not depend on it and the width is rounded up to a multiple of 8; OpenCLIP's own text transformer: no trimming.
-    """
+    """`--medclip-text-multiple`: an int, or `auto` (default): `text_multiple` of `--model`'s pooler (8 without one)."""
     value = MedclipOptions.from_args(args).text_multiple
     if value != "auto":
         value = int(value)
@@ -74,10 +104,7 @@ def text_multiple_for(args) -> int:
     model_name = getattr(args, "model", None)
     if not model_name:
         return 8
-    text_cfg = text_config(model_name)
-    if not text_cfg.get("hf_model_name"):
-        return 0
-    return 1 if text_cfg.get("hf_pooler_type") == "medclip_pooler" else 8
+    return text_multiple(text_pooler_type(model_name), training=True)
 
 
 def text_bucket_for(args) -> int:

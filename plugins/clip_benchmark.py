@@ -1,27 +1,20 @@
-"""Host glue for LAION CLIP_benchmark 1.6: a `medclip` model type and two small hooks, without touching its code.
+"""Host glue for LAION CLIP_benchmark 1.6: a `medclip` model type and small hooks, without touching its code.
 
 CLIP_benchmark has no plugin hook. What we touch, each checked before use (a missing attribute fails loudly with
 the version to install):
-
-- `clip_benchmark.models.TYPE2FUNC` / `MODEL_TYPES` (the list `clip_benchmark.cli` imported by reference): we add
-  the `medclip` loader before the CLI's parser is built (`register`, called by `python -m open_clip_medclip.benchmark`).
-- `clip_benchmark.datasets.builder.build_wds_dataset`: a suite built by `medclip eval build-suite` ships its
-  class-specific prompts in `wds/custom_templates.json` (the `--custom_template_file` format). CLIP_benchmark's wds
-  reader only reads class-agnostic templates (`zeroshot_classification_templates.txt`, one `{c}` template a line),
-  so a suite whose prompts are per class cannot be expressed there; the hook gives the dataset those prompts and
-  says so on stderr. An explicit `--custom_template_file` still wins (CLIP_benchmark applies it afterwards).
-- `clip_benchmark.metrics.zeroshot_classification.evaluate`: with fewer than 5 classes CLIP_benchmark reports
-  `acc5: NaN` (invalid JSON); the hook leaves NaN metrics out of the result and says which.
-- `clip_benchmark.metrics.zeroshot_classification.run_classification`: wrapped to keep the per-image logits and
-  targets it returns, so that `evaluate` adds per-class and macro AUROC (`auroc_macro`, `auroc_per_class`, and
-  `auroc` for two classes; multi-label datasets per label) computed by `eval.zeroshot.auroc_summary`, the metric
-  code of `medclip eval zeroshot`, on the logits rescaled from CLIP_benchmark's fixed 100 to the model's own scale.
-- `clip_benchmark.metrics.zeroshot_classification.accuracy`: 1.6's version calls `float()` on a 1-element array,
-  a TypeError under numpy >= 2.4; replaced by the same computation with `.item()`.
-
-`install_hooks` is light (no torch import of its own) and idempotent, so it can run from inside the import of
-`open_clip` in a plain `clip_benchmark eval` process (the opt-in autoload), when `clip_benchmark.cli` is still
-half-imported: it touches only `clip_benchmark.datasets.builder` (fully imported by then) and the metrics module.
+- `clip_benchmark.models.TYPE2FUNC` / `MODEL_TYPES` (the list `clip_benchmark.cli` imported by reference): the
+  `medclip` loader, added before the CLI's parser is built (`register`, run by `python -m open_clip_medclip.benchmark`).
+- `clip_benchmark.datasets.builder.build_wds_dataset`: its wds reader only reads class-agnostic templates, so the
+  hook gives a suite built by `medclip eval build-suite` its class-specific prompts (`wds/custom_templates.json`, the
+  `--custom_template_file` format) and says so on stderr; an explicit `--custom_template_file` still wins.
+- `clip_benchmark.metrics.zeroshot_classification.evaluate`: NaN metrics (`acc5` with fewer than 5 classes: invalid
+  JSON) are left out, said on stderr, and per-class / macro AUROC is added (`eval.zeroshot.auroc_summary`, the code of
+  `medclip eval zeroshot`) from the logits of `run_classification` (wrapped to keep them), rescaled from
+  CLIP_benchmark's fixed 100 to the model's own scale.
+- `clip_benchmark.metrics.zeroshot_classification.accuracy`: 1.6's calls `float()` on a 1-element array, a TypeError
+  under numpy >= 2.4; replaced by the same computation with `.item()`.
+`install_hooks` is light and idempotent: it can run inside the import of `open_clip` in a plain `clip_benchmark eval`
+(the opt-in autoload) while `clip_benchmark.cli` is half-imported, as it touches only the builder and metrics modules.
 """
 from __future__ import annotations
 

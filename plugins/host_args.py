@@ -2,7 +2,7 @@
 
 Host names touched: `open_clip_train.params.parse_args` (the trainer's own parser), `open_clip_train.data.
 expand_urls` (first shard of `--train-data`), `open_clip_train.distributed.world_info_from_env` (preflight).
-Decides whether `--model` is a MedCLIP model (`text_width.text_pooler_type`) and whether the data are MedCLIP
+Decides whether `--model` is a MedCLIP model (`text_width.is_medclip_model`) and whether the data are MedCLIP
 shards; refuses in one line, argparse style.
 """
 from __future__ import annotations
@@ -18,14 +18,8 @@ import open_clip_train.params
 
 from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError
 from open_clip_medclip.options import MedclipOptions
-from open_clip_medclip.streams.faults import ShardSourceError
+from open_clip_medclip.streams.faults import ShardSourceError, is_remote_url
 from open_clip_medclip.streams.plan import preflight_shards
-from open_clip_medclip.text_width import MEDCLIP_POOLERS, text_pooler_type
-
-
-def is_medclip_config(model_name: str | None) -> bool:
-    """Whether `--model` names a MedCLIP model: its text tower uses a MedCLIP pooler."""
-    return text_pooler_type(model_name) in MEDCLIP_POOLERS
 
 
 def _is_tar_data(path, dataset_type: str) -> bool:
@@ -34,19 +28,11 @@ def _is_tar_data(path, dataset_type: str) -> bool:
     return dataset_type == "auto" and isinstance(path, str) and path.split(".")[-1] == "tar"
 
 
-def first_shard(train_data: str) -> str | None:
-    try:
-        urls, _ = open_clip_train.data.expand_urls(train_data)
-    except Exception:  # malformed brace notation etc.: the trainer reports it itself
-        return None
-    return urls[0] if urls else None
-
-
-def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float | None = None) -> bool:
+def shard_carries_medclip_labels(url: str, timeout: float, max_members: int = 64) -> bool:
     """True when the first `.json` member of shard `url` is a MedCLIP sample record (`kind` and `labels`).
 
     Reads one shard's first members through `openclip_data.open_url` (local paths, `pipe:`, http(s) and fsspec
-    URLs; remote reads with the --medclip-shard-timeout). A shard that cannot be read at all (server down, HTTP
+    URLs; remote reads with the `timeout`, --medclip-shard-timeout). A shard that cannot be read at all (server down, HTTP
     error, stalled, a failing `pipe:` command) raises `ShardSourceError`: treating it as plain OpenCLIP data would
     train the wrong way, silently. A readable file that is not a tar, or holds no MedCLIP record, is plain data.
     """
@@ -55,10 +41,7 @@ def shard_carries_medclip_labels(url: str, max_members: int = 64, timeout: float
     from open_clip_medclip.plugins.openclip_data import open_url
 
     from open_clip_medclip.shards.format import KINDS
-    from open_clip_medclip.streams.faults import ShardFailurePolicy, is_remote_url
 
-    if timeout is None and is_remote_url(url):
-        timeout = ShardFailurePolicy.from_args().timeout
     stream = None
     try:
         stream = open_url(url, timeout)
@@ -91,9 +74,12 @@ def data_has_medclip_labels(args) -> tuple[bool, str | None]:
     data = getattr(args, "train_data", None) or getattr(args, "val_data", None)
     if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
         return False, None
-    url = first_shard(data)
-    timeout = MedclipOptions.from_args(args).shard_timeout
-    return (bool(url) and shard_carries_medclip_labels(url, timeout=timeout)), url
+    try:
+        urls, _ = open_clip_train.data.expand_urls(data)
+    except Exception:  # malformed brace notation etc.: the trainer reports it itself
+        return False, None
+    url = urls[0] if urls else None
+    return (bool(url) and shard_carries_medclip_labels(url, MedclipOptions.from_args(args).shard_timeout)), url
 
 
 def medclip_options_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ import torch
 from open_clip import model
 
 from open_clip_medclip import labels
-from open_clip_medclip.findings import NUM_FINDINGS
 
 
 class LabelPassthroughMixin:
@@ -18,8 +17,6 @@ class LabelPassthroughMixin:
     Only tensors made by `labels.pack_batch` (recognised by their marker column) are unpacked, so `encode_text`,
     zero-shot classifiers and unpacked evaluation data see the model unchanged.
     """
-
-    medclip_num_labels = NUM_FINDINGS
 
     def forward(self, image=None, text=None):
         image_labels = text_labels = None

@@ -1,16 +1,9 @@
 """Host glue for data: the only place that touches `open_clip_train.data` and `webdataset` internals.
 
-The label-aware streams (`open_clip_medclip.streams`) do not copy `open_clip_train.data.get_wds_dataset`: they
-call it, then splice their stages into the pipeline it built. Upstream keeps everything it owns — shard list or
-`ResampledShards2` with upsampling factors, the seeded shard shuffle, `split_by_node`/`split_by_worker`,
-`with_epoch`, the batch/sample arithmetic and the `WebLoader` — and three places are replaced:
-
-    [shards ... split_by_worker] [tar reader]   [sample shuffle]  [select ... decode ... batched]
-                                  -> counted,    -> seeded per       -> MedCLIP tail: validate, pair texts,
-                                     any URL        rank/worker/epoch   transform, batch, trim, pack labels
-
-Every attribute used is checked at import (`check_host`; `open_clip.__version__` names the installed host); a pipeline that no longer has the expected shape fails
-with `HostMismatchError` naming the stage, never silently.
+The label-aware streams call upstream's `get_wds_dataset` and splice their stages into the pipeline it built
+(plugins/README.md lists what stays upstream's): a counting tar reader for any URL, a seeded shuffle, the MedCLIP tail.
+Every attribute used is checked at import (`check_host`; `open_clip.__version__` names the installed host); a
+pipeline that no longer has the expected shape fails with `HostMismatchError` naming the stage, never silently.
 """
 from __future__ import annotations
 
@@ -24,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import open_clip
-import open_clip.loss
 import open_clip_train.data as ocd
 import webdataset as wds
 from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host
@@ -35,15 +27,7 @@ wds_filters = importlib.import_module("webdataset.filters")
 wds_tar = importlib.import_module("webdataset.tariterators")
 
 _REQUIRED = {
-    ocd: (
-        "get_wds_dataset",
-        "tarfile_to_samples_nothrow",
-        "group_by_keys_nothrow",
-        "filter_no_caption_or_no_image",
-        "log_and_continue",
-        "SharedEpoch",
-        "DataInfo",
-    ),
+    ocd: ("get_wds_dataset", "tarfile_to_samples_nothrow", "group_by_keys_nothrow"),
     wds: ("DataPipeline", "WebLoader", "batched", "select", "map"),
     wds_filters: ("FilterFunction", "_shuffle", "_select", "_batched"),
     wds_tar: ("tar_file_expander", "tarfile_samples"),
@@ -59,14 +43,8 @@ def check_host() -> None:
 
 check_host()
 
-SharedEpoch = ocd.SharedEpoch
-DataInfo = ocd.DataInfo
-log_and_continue = ocd.log_and_continue
 
-
-# ----------------------------------------------------------------------------------------------------------------
 # Reading shards from any URL
-# ----------------------------------------------------------------------------------------------------------------
 class CheckedHttpBody:
     """An HTTP response body that fails loudly when it ends before its Content-Length (a cut connection), where
     `http.client` would end the stream quietly and leave a tar cut mid-member."""
@@ -210,9 +188,7 @@ def seeded_shuffle(source: Iterable[dict], bufsize: int, initial: int, rng) -> I
     return wds_filters._shuffle(iter(source), bufsize=bufsize, initial=initial, rng=rng)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Splicing into open_clip_train's own get_wds_dataset
-# ----------------------------------------------------------------------------------------------------------------
 def _is_filter(stage, function) -> bool:
     return isinstance(stage, wds_filters.FilterFunction) and stage.f is function
 

@@ -1,12 +1,9 @@
 """Host glue for plain `python -m open_clip_train.main` / `torchrun -m open_clip_train.main` (opt-in autoload).
 
-Light on purpose: the autoload (`open_clip_medclip.autoload`) calls `hook_params` right after
-`open_clip_train.params` is imported, which happens in the middle of importing `open_clip_train.main`, so nothing
-here may import the trainer. `hook_params` wraps `open_clip_train.params.parse_args`; `open_clip_train.main`
-binds that wrapper with `from open_clip_train.params import parse_args`, also when it runs as `__main__`. When
-the trainer's `main` calls it, the wrapper hands over to `plugins.openclip_train.host_parse_args` with the
-caller's module namespace, which accepts the `--medclip-*` flags and installs the MedCLIP entry points for
-MedCLIP models only (see there). Any other caller of `parse_args` gets the original behaviour.
+Light on purpose: the autoload calls `hook_params` while `open_clip_train.main` is still being imported, so nothing
+here may import the trainer. It wraps `open_clip_train.params.parse_args`, which the trainer's `main` binds (also as
+`__main__`); the wrapper hands over to `plugins.openclip_train.host_parse_args` with the caller's module namespace.
+Any other caller of `parse_args` gets the original behaviour.
 """
 from __future__ import annotations
 

@@ -1,18 +1,15 @@
 """Host glue for the `open_clip` library: the only place that touches OpenCLIP's model-factory internals.
 
 What it does, and why each step needs OpenCLIP internals (OpenCLIP 3.3 has no plugin registry for these):
-- model configs go into `factory._MODEL_CONFIGS` (public `add_model_config` would re-read our JSON files from
-  disk and lose the bundled tokenizer path);
-- `hf_model.AutoConfig` / `hf_model.AutoModel` are wrapped so hub text towers named by our configs resolve to the
-  bundled config (offline, random init) unless the user asks for hub weights;
-- `factory.load_checkpoint` is wrapped so official MedCLIP checkpoints (`pytorch_model.bin` or the released zip)
-  convert on load, and load errors name the file and list the keys;
-- `factory.set_model_preprocess_cfg` is wrapped so MedCLIP models get MedCLIP preprocessing instead of the OpenAI
-  defaults when nothing more specific was asked for;
-- pretrained tags for the official weights go into `pretrained._PRETRAINED`;
+- model configs go into `factory._MODEL_CONFIGS` (`add_model_config` would re-read our JSON, losing the bundled
+  tokenizer path); pretrained tags for the official weights into `pretrained._PRETRAINED`;
+- wrapped: `hf_model.AutoConfig` / `hf_model.AutoModel` (hub text towers of our configs resolve to the bundled
+  config unless hub weights are asked for), `factory.load_checkpoint` (official checkpoints convert on load; errors
+  name the file), `factory.set_model_preprocess_cfg` (MedCLIP preprocessing unless something more specific was
+  asked for), `factory.create_model` and `factory.download_pretrained`;
 - BERT's `arch_dict` entry gains the layer names that `--lock-text-unlocked-layers` needs.
-The pooler uses the public `register_pooler`, and hidden states are switched on with a torch module-registration
-hook (no OpenCLIP symbol involved). Every patched attribute is checked at import; a missing one fails loudly.
+The poolers use the public `register_pooler`; hidden states are switched on with a torch module-registration hook.
+Every patched attribute is checked at import; a missing one fails loudly.
 """
 from __future__ import annotations
 
@@ -29,6 +26,7 @@ from open_clip_medclip.plugins import HostMismatchError, missing_attributes, req
 from open_clip_medclip import hosted, models, padding_free, timm_weights
 from open_clip_medclip.download import MARKER_KEY, wrap_download_pretrained
 from open_clip_medclip.errors import UserError
+from open_clip_medclip.text_width import is_medclip_model, text_pooler_type
 
 # `open_clip.push_to_hf_hub` is shadowed by the function of that name in open_clip's namespace
 hf_hub_module = importlib.import_module("open_clip.push_to_hf_hub")
@@ -59,6 +57,12 @@ OFFICIAL_WEIGHT_URLS = {
     "medclip-swin": "https://storage.googleapis.com/pytrial/medclip-vit-pretrained.zip",
     "medclip-resnet50": "https://storage.googleapis.com/pytrial/medclip-pretrained.zip",
 }
+
+
+def _warn_random_weights(text_tower) -> None:
+    if str(text_tower) == models.BIO_CLINICALBERT_HUB_ID:
+        log.warning("Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
+                    text_tower, models.TEXT_WEIGHTS_ENV)
 
 
 class _BundledTowerResolver:
@@ -96,11 +100,7 @@ class _BundledTowerResolver:
             if self._builds_model:
                 kwargs = self._attention(_ORIGINAL.AutoConfig.from_pretrained(str(folder)), kwargs)
             return self._auto.from_pretrained(str(folder), *args, **kwargs)
-        if str(name_or_path) == models.BIO_CLINICALBERT_HUB_ID:
-            log.warning(
-                "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
-                name_or_path, models.TEXT_WEIGHTS_ENV,
-            )
+        _warn_random_weights(name_or_path)
         config = _ORIGINAL.AutoConfig.from_pretrained(str(folder))
         return self._auto.from_config(config, **self._attention(config, kwargs))
 
@@ -116,11 +116,6 @@ def _enable_hidden_states(module: torch.nn.Module, name: str, submodule: torch.n
     if name == "pooler" and isinstance(submodule, models.MedclipPooler) and hasattr(module, "transformer"):
         module.transformer.config.output_hidden_states = True
     return None
-
-
-def is_medclip_model(model: torch.nn.Module) -> bool:
-    text = getattr(model, "text", None)
-    return isinstance(getattr(text, "pooler", None), models.MedclipPooler)
 
 
 class PaddingFreeTextEncoder(hf_model.HFTextEncoder):
@@ -143,7 +138,7 @@ def enable_padding_free_text(clip_model: torch.nn.Module) -> torch.nn.Module:
     text = getattr(clip_model, "text", None)
     if isinstance(text, PaddingFreeTextEncoder):
         return clip_model
-    if type(text) is not hf_model.HFTextEncoder or not models.pools_without_padding(clip_model):
+    if type(text) is not hf_model.HFTextEncoder or text_pooler_type(clip_model) != "medclip_masked_pooler":
         pooler = type(getattr(text, "pooler", None)).__name__
         raise UserError(f"--medclip-padding-free needs a Hugging Face text tower with medclip_masked_pooler "
                         f"(the medclip-*-masked models); this model's text pooler is {pooler}")
@@ -192,11 +187,7 @@ def _create_model(model_name, *args, **kwargs):
         name = _random_text_tower(model_name, kwargs)
         if name is not None:
             kwargs["pretrained_text"] = False
-            if name == models.BIO_CLINICALBERT_HUB_ID:
-                log.warning(
-                    "Text tower %s: bundled config, random weights (offline default); set %s=hub for the hub weights.",
-                    name, models.TEXT_WEIGHTS_ENV,
-                )
+            _warn_random_weights(name)
     model = _ORIGINAL.create_model(model_name, *args, **kwargs)
     if is_medclip_model(model):
         models.enable_fused_attention(model)  # Swin WindowAttention: timm leaves it unfused ("experimental")

@@ -1,19 +1,12 @@
-"""Host glue for `open_clip_train`: namespace patching, the one job of this module.
+"""Host glue for `open_clip_train`: namespace patching, the one job of this module (plugins/README.md has the why).
 
-OpenCLIP 3.3's trainer has no plugin hooks for a loss, a dataset or a model class, so both front doors run the
-unmodified `open_clip_train.main.main` with names rebound in its module namespace (names bound by `from X import Y`
-or module globals, so rebinding them in the using module is what takes effect). Host names touched: in
-`open_clip_train.main`'s namespace `parse_args`, `create_model_and_transforms` (label-passthrough model, MedCLIP
-augmentation via `open_clip.model.get_model_preprocess_cfg`), `create_loss`, `get_data` (with
-`open_clip_train.data.get_dataset_fn` during the call), `train_one_epoch` (per-epoch seeds, throughput),
-`setup_logging`, `get_latest_checkpoint`, `pt_load`, `torch`, `optim`; globally `open_clip_train.train.
-zero_shot_eval` (registered zero-shot hooks) and `torch.nn.parallel.DistributedDataParallel` (CPU shim); all are
-restored after the run. What it installs lives by job: `label_passthrough.py`, `trainer_shims.py` (DDP,
-checkpoints, optim, logging, the webdataset end-of-shard fix every model gets once this module is imported),
-`host_args.py` (plain `open_clip_train.main` argument parsing and the pre-run checks); plugins/README.md has the why.
-`medclip train` installs them for one run (`patched_trainer`); plain `python -m open_clip_train.main` through the
-opt-in autoload, whose `parse_args` wrapper (`plugins/openclip_main.py`) hands over to `host_parse_args`: MedCLIP
-models only, the full set only on MedCLIP shards. Every attribute used is checked at import (`check_host`).
+The trainer has no plugin hooks, so both front doors run the unmodified `open_clip_train.main.main` with names
+rebound in its module namespace: `parse_args`, `create_model_and_transforms` (label passthrough, MedCLIP augmentation
+via `open_clip.model.get_model_preprocess_cfg`), `create_loss`, `get_data` (with `open_clip_train.data.get_dataset_fn`
+during the call), `train_one_epoch`, `setup_logging`, `get_latest_checkpoint`, `pt_load`, `torch`, `optim`; globally
+`open_clip_train.train.zero_shot_eval` and `torch.nn.parallel.DistributedDataParallel`; all restored after the run.
+`medclip train` installs them for one run (`patched_trainer`), plain `open_clip_train.main` through the opt-in
+autoload (`host_parse_args`). Every attribute used is checked at import (`check_host`).
 """
 from __future__ import annotations
 
@@ -33,16 +26,7 @@ import open_clip_train.precision
 import open_clip_train.train
 import torch
 from open_clip import model
-from open_clip_medclip.plugins import HostMismatchError, missing_attributes, require_host  # noqa: F401
-from open_clip_medclip.plugins.host_args import (
-    _is_tar_data,
-    _refused_on_one_line,
-    data_has_medclip_labels,
-    host_refusal,
-    is_medclip_config,
-    medclip_options_parser,
-    preflight,
-)
+from open_clip_medclip.plugins import HostMismatchError, host_args, missing_attributes, require_host  # noqa: F401
 from open_clip_medclip.plugins.label_passthrough import enable_label_passthrough
 from open_clip_medclip.plugins.openclip_models import enable_padding_free_text
 from open_clip_medclip.plugins.trainer_shims import (
@@ -64,7 +48,7 @@ from open_clip_medclip.options import MedclipOptions
 from open_clip_medclip.streams.faults import ShardSourceError
 from open_clip_medclip.streams.plan import check_shards_exist
 from open_clip_medclip.streams.stages import get_medclip_wds_dataset
-from open_clip_medclip.text_width import text_pooler_type
+from open_clip_medclip.text_width import is_medclip_model, text_pooler_type
 from open_clip_medclip.throughput import TimedLoader, log_throughput
 
 log = logging.getLogger("open_clip_medclip")
@@ -115,9 +99,6 @@ check_host()
 install_webdataset_fix()  # every model (see the module docstring)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The patched functions
-# ----------------------------------------------------------------------------------------------------------------
 ZeroShotHook = Callable[..., dict]
 _ZERO_SHOT_HOOKS: list[ZeroShotHook] = []
 
@@ -146,13 +127,9 @@ def _zero_shot_eval(model, data, epoch, args, tokenizer=None):
     return metrics
 
 
-def _unwrapped(function: Callable) -> Callable:
-    return getattr(function, "__wrapped__", function)
-
-
 _ORIGINAL = SimpleNamespace(
     zero_shot_eval=open_clip_train.train.zero_shot_eval,
-    parse_args=_unwrapped(open_clip_train.main.parse_args),
+    parse_args=getattr(open_clip_train.main.parse_args, "__wrapped__", open_clip_train.main.parse_args),
     create_model_and_transforms=open_clip_train.main.create_model_and_transforms,
     create_loss=open_clip_train.main.create_loss,
     get_data=open_clip_train.main.get_data,
@@ -191,8 +168,9 @@ class _Run:
         args = _ORIGINAL.parse_args(argv)
         self.options.store(args)
         self.args = args
-        if self.streams and _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
-            preflight(args, "medclip train")
+        data = args.train_data or args.val_data
+        if self.streams and host_args._is_tar_data(data, getattr(args, "dataset_type", "auto")):
+            host_args.preflight(args, "medclip train")
         return args
 
     def create_model_and_transforms(self, model_name, *pos, **kwargs):
@@ -241,7 +219,7 @@ class _Run:
             return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
 
         def dataset_fn(data_path, dataset_type):
-            if _is_tar_data(data_path, dataset_type):
+            if host_args._is_tar_data(data_path, dataset_type):
                 return get_medclip_wds_dataset
             return _ORIGINAL.get_dataset_fn(data_path, dataset_type)
 
@@ -286,8 +264,7 @@ class _Run:
         `open_clip_train.main` (autoload) prints it as its own error and exits 3, instead of a worker traceback."""
         log.error("open_clip_medclip: %s", line)
         if self.front_door == "host":
-            print(f"open_clip_train.main: error: {line}", file=sys.stderr, flush=True)
-            raise SystemExit(ShardSourceError.exit_code)
+            host_args.host_refusal(line, ShardSourceError.exit_code)
         raise ShardSourceError(line) from None
 
     def namespace_replacements(self, namespace: dict, with_parse_args: bool) -> dict:
@@ -386,28 +363,22 @@ def run_trainer(trainer_argv: list[str], options: MedclipOptions) -> _Run:
     return run
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Plain `python -m open_clip_train.main` (autoload): decide per run from --model and --train-data
-# ----------------------------------------------------------------------------------------------------------------
 _HOST_INSTALLED: dict[int, tuple[dict, dict, ZeroShotHook | None]] = {}
-
-
-def is_trainer_namespace(namespace: dict) -> bool:
-    return all(name in namespace for name in _NAMESPACE_NAMES)
 
 
 def host_parse_args(original: Callable, argv, namespace: dict):
     """`parse_args` of a plain open_clip_train run with the autoload: `--medclip-*` flags are accepted; MedCLIP
     models get the MedCLIP entry points in `namespace` (the calling trainer module), other models none."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not is_trainer_namespace(namespace):
+    if not all(name in namespace for name in _NAMESPACE_NAMES):
         return original(argv)
     previous = _HOST_INSTALLED.pop(id(namespace), None)
     if previous is not None:  # an earlier run in this process
         _restore(previous[0], previous[1])
         if previous[2] is not None:
             unregister_zero_shot_eval(previous[2])
-    parser = medclip_options_parser()
+    parser = host_args.medclip_options_parser()
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         print()
@@ -415,25 +386,25 @@ def host_parse_args(original: Callable, argv, namespace: dict):
     parsed, rest = parser.parse_known_args(argv)
     options = MedclipOptions.from_args(parsed)
     args = original(rest)
-    if not is_medclip_config(args.model):
+    if not is_medclip_model(args.model):
         given = sorted({a.split("=")[0] for a in argv if a.startswith("--medclip-")})
         if given:
-            host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
+            host_args.host_refusal(f"{', '.join(given)}: for MedCLIP models only; --model {args.model} is not one "
                          "(open_clip_medclip autoload)")
         return args
     if options.padding_free and text_pooler_type(args.model) != "medclip_masked_pooler":
-        host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
+        host_args.host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
                      "(medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)")
     options.store(args)
-    if _is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
-        with _refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
+    if host_args._is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
+        with host_args._refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
             check_shards_exist("--train-data", args.train_data)
             check_shards_exist("--val-data", args.val_data)
-    with _refused_on_one_line():  # an unreadable first shard (server down): exit 3, not silently plain data
-        labelled, url = data_has_medclip_labels(args)
+    with host_args._refused_on_one_line():  # an unreadable first shard (server down): exit 3, not silently plain data
+        labelled, url = host_args.data_has_medclip_labels(args)
     if labelled:
-        with _refused_on_one_line():
-            preflight(args, "open_clip_train.main")
+        with host_args._refused_on_one_line():
+            host_args.preflight(args, "open_clip_train.main")
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
     run = _Run(options, streams=labelled, data_note=note, front_door="host")
     run.args = args

@@ -3,7 +3,7 @@
 Host names touched: `torch.nn.parallel.DistributedDataParallel` (CPU-friendly subclass), `open_clip_train.data.
 tar_file_expander` (webdataset end-of-shard markers dropped, every model), the trainer's `torch` (atomic `save`),
 `optim` (fused AdamW on CUDA), `setup_logging`, `get_latest_checkpoint`, `pt_load` (wrapped originals, installed by
-`openclip_train`), `open_clip_train.precision.get_autocast`, `open_clip.transform` (evaluation preprocess).
+`openclip_train`), `open_clip_train.precision.get_autocast`, `open_clip.transform` (the suite hook's preprocess).
 """
 from __future__ import annotations
 
@@ -40,10 +40,6 @@ def install_webdataset_fix() -> None:
     open_clip_train.data.tar_file_expander = tar_file_expander_without_markers
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# CPU DDP shim
-# ----------------------------------------------------------------------------------------------------------------
 _OriginalDDP = torch.nn.parallel.DistributedDataParallel
 
 
@@ -60,9 +56,6 @@ class CpuFriendlyDDP(_OriginalDDP):
         super().__init__(module, device_ids, output_device, *args, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Crash-safe checkpoints, fused AdamW, quiet third-party loggers
-# ----------------------------------------------------------------------------------------------------------------
 class TrainerTorch(types.ModuleType):
     """`torch` as the trainer's module sees it during a MedCLIP run: `torch.save` writes atomically; `saved` lists
     the paths written (the run's checkpoints)."""
@@ -168,18 +161,6 @@ def seed_epoch(args, epoch: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_autocast(precision: str, device_type: str = "cuda"):
-    """open_clip_train's autocast factory for a `--precision` value."""
-    return open_clip_train.precision.get_autocast(precision, device_type=device_type)
-
-
-def eval_preprocess(clip_model: torch.nn.Module):
-    """The evaluation image transform a model's own preprocess config describes."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**clip_model.visual.preprocess_cfg), is_train=False)
-
-
 def suite_zero_shot_hook(suites: list[str]):
     """A trainer zero-shot hook evaluating built suites, following open_clip_train's --zeroshot-frequency rule."""
 
@@ -188,14 +169,16 @@ def suite_zero_shot_hook(suites: list[str]):
         if not frequency or (epoch % frequency != 0 and epoch != args.epochs):
             return {}
 
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
         from open_clip_medclip.eval.zeroshot import zero_shot_metrics
-        preprocess = eval_preprocess(model)
+
+        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
         tokenizer = tokenizer or open_clip.get_tokenizer(args.model)
-        device_type = str(args.device).split(":")[0]
+        autocast = open_clip_train.precision.get_autocast(args.precision, device_type=str(args.device).split(":")[0])
         metrics: dict[str, float] = {}
         for suite in suites:
-            metrics.update(zero_shot_metrics(model, suite, tokenizer, preprocess, args.device,
-                                             autocast=lambda: get_autocast(args.precision, device_type=device_type)()))
+            metrics.update(zero_shot_metrics(model, suite, tokenizer, preprocess, args.device, autocast=autocast))
         return metrics
 
     return hook

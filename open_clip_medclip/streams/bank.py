@@ -22,6 +22,13 @@ RULE_FALLBACK = "fallback-no-finding"  # no bank sentence has any of the image's
 _PAIRING_FINDINGS = tuple(f for f in range(NUM_FINDINGS) if f != NO_FINDING)
 
 
+def pack_texts(encoded: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(buffer, offsets [N+1]) of UTF-8 texts laid end to end: the bank's text storage."""
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
 class SentenceBank:
     """Deduplicated labelled sentences indexed by positive finding, for drawing texts that match an image.
 
@@ -51,7 +58,6 @@ class SentenceBank:
         # policy lookup by code (codes were checked to lie in BLANK_CODE..1 by apply_policy above)
         self._table = label_contract.apply_policy(np.arange(label_contract.BLANK_CODE, 2, dtype=np.int8), policy)
 
-    # construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_texts(cls, texts: Sequence[str], codes: np.ndarray, policy: str = "zeros") -> SentenceBank:
         """From sentence texts and their raw codes [N, 14]; stripped duplicates keep their first labels."""
@@ -60,21 +66,16 @@ class SentenceBank:
             text = text.strip()
             if text and text not in first:
                 first[text] = row
-        encoded = [t.encode("utf-8") for t in first]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
         rows = np.fromiter(first.values(), dtype=np.int64, count=len(first))
         codes = np.asarray(codes, dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
-        return cls(b"".join(encoded), offsets, codes[rows], policy)
+        return cls(*pack_texts([t.encode("utf-8") for t in first]), codes[rows], policy)
 
     @classmethod
     def from_entries(cls, entries: Iterable[tuple[str, Sequence[float | None]]], policy: str = "zeros") -> SentenceBank:
         """From (sentence, label values) pairs (1/0/-1/None); values are validated by the label contract."""
-        texts, vectors = [], []
-        for text, values in entries:
-            texts.append(text)
-            vectors.append(values)
-        return cls.from_texts(texts, label_contract.codes_matrix(vectors, "sentence bank"), policy)
+        entries = list(entries)
+        codes = label_contract.codes_matrix([values for _, values in entries], "sentence bank")
+        return cls.from_texts([text for text, _ in entries], codes, policy)
 
     @classmethod
     def concat(cls, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], policy: str) -> SentenceBank:
@@ -91,13 +92,9 @@ class SentenceBank:
             part_codes = np.asarray(part_codes, dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
             for row, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
                 seen.setdefault((buffer[a:b].tobytes(), part_codes[row].tobytes()), None)
-        texts = [t for t, _ in seen]
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum([len(t) for t in texts], out=offsets[1:])
         codes = np.frombuffer(b"".join(c for _, c in seen), dtype=label_contract.CODE_DTYPE).reshape(-1, NUM_FINDINGS)
-        return cls(b"".join(texts), offsets, codes, policy)
+        return cls(*pack_texts([t for t, _ in seen]), codes, policy)
 
-    # access ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.codes)
 
@@ -126,7 +123,6 @@ class SentenceBank:
         return self.buffer.nbytes + self.offsets.nbytes + self.codes.nbytes + self.masks.nbytes + \
             sum(a.nbytes for a in self.by_finding)
 
-    # drawing -----------------------------------------------------------------------------------------------
     def draw(self, image_targets: Sequence[float], rng: random.Random) -> tuple[int, str]:
         """Index of a sentence for an image (policy-applied targets) and the rule that chose it.
 

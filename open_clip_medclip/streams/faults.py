@@ -35,15 +35,10 @@ def is_remote_url(url: str) -> bool:
 
 @dataclass(frozen=True)
 class ShardFailurePolicy:
-    """`--medclip-shard-*`: how remote shard reads retry, and when failed shards stop the run.
-
-    A remote shard whose read ends in an error (cannot open, HTTP error, truncated body, no byte for `timeout`
-    seconds, a `pipe:` command failing) is re-read up to `retries` times, waiting `backoff`, 2x, 4x ... seconds
-    (at most 60) between tries; samples already delivered are not delivered again. A shard that still fails is
-    skipped and counted. A loader worker stops the run when `max_failures` shards fail in a row, or when the
-    shards it skipped this epoch exceed `max_skipped` of its share of the epoch's shards (`share`). Local files
-    are read once (a retry cannot change them) and never stop the run this way; a whole pass over a worker's
-    shards without one sample stops it whatever the source (otherwise `with_epoch` would repeat it forever).
+    """`--medclip-shard-*` (their help says what each does): how remote shard reads retry, when failed shards stop
+    the run; `share` is a loader worker's share of the epoch's shards. Local files are read once (a retry cannot
+    change them) and never stop the run this way; a whole pass over a worker's shards without one sample stops it
+    whatever the source (otherwise `with_epoch` would repeat it forever).
     """
 
     retries: int

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -13,7 +13,7 @@ from .. import labels as label_contract
 from ..errors import UserError
 from ..options import MedclipOptions
 from ..shards.format import IMAGE_KINDS
-from .bank import SentenceBank
+from .bank import SentenceBank, pack_texts
 from .faults import is_remote_url
 
 log = logging.getLogger("open_clip_medclip.streams")
@@ -67,17 +67,14 @@ class _IndexCache:
         self.indexes: dict[str, object] = {}
         self.provenance_sides: dict[str, int | None] = {}
 
-    def get(self, location: str):
-        from ..shards.index import index_url, read_index
-
-        url = index_url(location)
-        if url not in self.indexes:
-            self.indexes[url] = read_index(url)
-        return url, self.indexes[url]
-
     def lookup(self, url: str, location: str | None) -> tuple[str, ShardCounts]:
         """(index URL, counts) of the shard at `url`; its index is `location`, or found at the shard's prefix."""
-        where, index = self.get(location or url)
+        from ..shards.index import index_url, read_index
+
+        where = index_url(location or url)
+        if where not in self.indexes:
+            self.indexes[where] = read_index(where)
+        index = self.indexes[where]
         name = shard_name(url)
         if name not in index.shards:
             path = local_path(url)
@@ -88,12 +85,10 @@ class _IndexCache:
         return where, ShardCounts({k: int(v) for k, v in index.shards[name].kinds.items()})
 
     def longer_side(self, index_location: str, shard_url: str) -> int | None:
-        """The build's `provenance.image.longer_side`, for the decoded-image size check `validate` also runs.
+        """The build's `provenance.image.longer_side` (not in the index), for the size check `validate` also runs.
 
-        The shard index does not record it, so `provenance.json` (a few hundred bytes, written beside the shards
-        by every build) is read once per build and rank: at the index's prefix, else at the shard's own prefix
-        (an index given with --medclip-index may live elsewhere). Without a readable provenance the size check is
-        off (None) and the log says so; the mode check and every other check still run.
+        Read once per build and rank from the small `provenance.json` at the index's prefix, else at the shard's own
+        (an index given with --medclip-index may live elsewhere); None, and logged, without a readable one.
         """
         from ..shards.format import PROVENANCE_FILE
         from ..shards.index import index_url, sibling_url
@@ -161,6 +156,15 @@ def _explicit_indexes(value: str | None, groups: int) -> list[str | None]:
     return locations
 
 
+def _located_shards(urls: str, index_option: str | None, weights=None
+                    ) -> Iterator[tuple[str, float | None, str | None]]:
+    """(shard URL, upsampling factor, `--medclip-index` location or None) of every shard of `urls`' groups."""
+    groups = expand_shard_groups(urls, weights)
+    for (shards, factor), location in zip(groups, _explicit_indexes(index_option, len(groups)), strict=True):
+        for url in shards:
+            yield url, factor, location
+
+
 def _bank_part(index, kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(text buffer, offsets, codes) of an index's sentence bank, restricted to entries seen in `kinds`."""
     arrays = index.bank_arrays()
@@ -168,11 +172,7 @@ def _bank_part(index, kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.
     if {"paired", "text"} <= set(kinds):
         return buffer, offsets, codes
     keep = arrays.select_kinds(kinds)
-    texts = [arrays.text(int(i)) for i in keep]
-    encoded = [t.encode("utf-8") for t in texts]
-    sub_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=sub_offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), sub_offsets, codes[keep]
+    return *pack_texts([arrays.text(int(i)).encode("utf-8") for i in keep]), codes[keep]
 
 
 _WILDCARDS = ("*", "?", "[")
@@ -213,10 +213,9 @@ def preflight_shards(args, world_size: int) -> str | None:
     check_shards_exist("--medclip-bank-data", options.bank_data)
     if not getattr(args, "train_data", None) or getattr(args, "dataset_resampled", False):
         return None
-    groups = expand_shard_groups(args.train_data)
     cache = _IndexCache()
-    images = sum(1 for (shards, _), location in zip(groups, _explicit_indexes(options.index, len(groups)), strict=True)
-                 for url in shards if cache.lookup(url, location)[1].images)
+    images = sum(1 for url, _, location in _located_shards(args.train_data, options.index)
+                 if cache.lookup(url, location)[1].images)
     workers = max(0, int(getattr(args, "workers", 0) or 0))
     if images >= max(1, workers) * world_size:
         return None
@@ -237,43 +236,35 @@ def plan_streams(args, is_train: bool) -> StreamPlan:
     weights = getattr(args, "train_data_upsampling_factors", None) if is_train else None
     options = MedclipOptions.from_args(args)
     policy = options.uncertain
-    groups = expand_shard_groups(urls, weights)
-    explicit = _explicit_indexes(options.index, len(groups))
     cache = _IndexCache()
     image_urls: list[str] = []
     image_weights: list[float] | None = [] if weights is not None else None
     expected: dict[str, int] = {}
     policies: dict[str, str] = {}
     longer_sides: dict[str, int | None] = {}
+    index_of: dict[str, str] = {}  # image shard URL -> its index URL
     image_samples = 0
     bank_locations: list[str] = []
     needs_bank = False
-    explicit_of: dict[str, str | None] = {}
-    for (shards, factor), location in zip(groups, explicit, strict=True):
-        for url in shards:
-            explicit_of[url] = location
-            where, counts = cache.lookup(url, location)
-            bank_locations.append(where)
-            expected[url] = counts.total
-            policies[url] = cache.indexes[where].label_policy
-            if counts.images:
-                image_urls.append(url)
-                longer_sides[url] = cache.longer_side(where, url)
-                image_samples += counts.images
-                needs_bank = needs_bank or counts.kinds.get("image", 0) > 0
-                if image_weights is not None:
-                    image_weights.append(factor)
-    extra_bank = options.bank_data
-    if extra_bank:
-        bank_groups = expand_shard_groups(extra_bank)
-        bank_explicit = _explicit_indexes(options.bank_index, len(bank_groups))
-        for (shards, _), location in zip(bank_groups, bank_explicit, strict=True):
-            bank_locations += [cache.lookup(url, location)[0] for url in shards]
+    for url, factor, location in _located_shards(urls, options.index, weights):
+        where, counts = cache.lookup(url, location)
+        bank_locations.append(where)
+        expected[url] = counts.total
+        policies[url] = cache.indexes[where].label_policy
+        if counts.images:
+            image_urls.append(url)
+            index_of[url] = where
+            longer_sides[url] = cache.longer_side(where, url)
+            image_samples += counts.images
+            needs_bank = needs_bank or counts.kinds.get("image", 0) > 0
+            if image_weights is not None:
+                image_weights.append(factor)
+    if options.bank_data:
+        bank_locations += [cache.lookup(url, location)[0]
+                           for url, _, location in _located_shards(options.bank_data, options.bank_index)]
     if not is_train and not options.val_own_bank and getattr(args, "train_data", None):
-        train_groups = expand_shard_groups(args.train_data)
-        train_explicit = _explicit_indexes(options.index, len(train_groups))
-        for (shards, _), location in zip(train_groups, train_explicit, strict=True):
-            bank_locations += [cache.lookup(url, location)[0] for url in shards]
+        bank_locations += [cache.lookup(url, location)[0]
+                           for url, _, location in _located_shards(args.train_data, options.index)]
     if not image_urls:
         raise UserError(f"{urls}: no shard holds images (paired or image kind, says the index); nothing to train on")
     for location, index in cache.indexes.items():
@@ -286,9 +277,7 @@ def plan_streams(args, is_train: bool) -> StreamPlan:
                         "sentences (add text shards to the data or pass --medclip-bank-data)")
     checksums = None
     if options.verify_checksums:  # one more index file, read once per rank
-        checksums = {}
-        for url in image_urls:
-            where, _ = cache.get(explicit_of.get(url) or url)
-            checksums[url] = cache.indexes[where].sample_checksums().get(shard_name(url), {})
+        checksums = {url: cache.indexes[index_of[url]].sample_checksums().get(shard_name(url), {})
+                     for url in image_urls}
     return StreamPlan(image_urls, image_weights, expected, policies, checksums, image_samples, bank, policy,
                       dict(cache.indexes), longer_sides)

@@ -99,12 +99,9 @@ class StreamStats:
 
 
 class ShardReader:
-    """Pipeline stage: `{"url": ...}` dicts in, the samples of each shard out, counted per shard.
-
-    Opens any URL webdataset or fsspec opens (`plugins.openclip_data.open_url`). A shard whose stream ends
-    early is compared with the index when it ends; errors name the shard. Remote reads retry, and failing
-    sources stop the run, as `policy` (`ShardFailurePolicy`) says.
-    """
+    """Pipeline stage: `{"url": ...}` dicts in, the samples of each shard (any URL) out, counted per shard and
+    compared with the index when it ends; errors name the shard. Remote reads retry and failing sources stop the
+    run as `policy` says."""
 
     def __init__(self, stats: StreamStats, policy: ShardFailurePolicy | None = None, epoch=None) -> None:
         self.stats = stats
@@ -179,27 +176,13 @@ class ShardReader:
                                    f"shard(s) in a whole pass; last: {last_error or 'no error, the shards are empty'}")
 
 
-def check_stream_sample(sample: dict, policy: str, checksum: str | None = None) -> tuple[dict | None, list[str]]:
-    """The shard validator's own per-sample check (`medclip shards validate` runs the same `check_sample`).
-
-    Images are checked by their magic bytes here and fully decoded by the caller, once; `policy` is the build's
-    recorded label policy (values such a build cannot have written are problems, e.g. NaN or -1 under zeros);
-    `checksum` (with `--medclip-verify-checksums`) is the sample's content checksum from the shard index.
-    """
-    from ..shards.validate import check_sample
-
-    key = sample.get("__key__", "?")
-    document, problems = check_sample(key, sample, shard=sample.get("__url__", ""), policy=policy,
-                                      checksum=checksum)
-    return document, [p.message if not p.member else f"{p.member}: {p.message}" for p in problems]
-
-
 class CheckedSamples:
     """Pipeline stage: image-bearing samples that pass the shard validator's checks, decoded; others skipped.
 
-    The validator's own functions decide: `check_sample` before the decode, `decoded_image_problems` (mode L, the
-    build's longer side from `longer_sides`) after it; the image is decoded once. Each skip is logged with the
-    shard, the key and the reason and counted for the epoch summary.
+    The validator's own functions decide (what `medclip shards validate` runs): `check_sample` before the decode
+    (magic bytes; label values the build's recorded policy cannot have written; the index's content checksum with
+    `--medclip-verify-checksums`), `decoded_image_problems` (mode L, the build's longer side from `longer_sides`)
+    after it; the image is decoded once. Each skip is logged with the shard, key and reason, and counted.
     """
 
     def __init__(self, stats: StreamStats, policies: dict[str, str] | None = None,
@@ -213,14 +196,14 @@ class CheckedSamples:
     def prepare(self, sample: dict) -> dict | None:
         from PIL import Image
 
-        from ..shards.validate import decoded_image_problems
+        from ..shards.validate import check_sample, decoded_image_problems
 
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         checksum = self.checksums.get(url, {}).get(key, "") if self.checksums is not None else None
-        meta, problems = check_stream_sample(sample, self.policies.get(url, label_contract.RAW_POLICY), checksum)
+        meta, problems = check_sample(key, sample, shard=sample.get("__url__", ""), checksum=checksum,
+                                      policy=self.policies.get(url, label_contract.RAW_POLICY))
         if problems:
-            self.stats.skip(url, key, "invalid sample: " + "; ".join(problems))
-            return None
+            return self.skip_invalid(url, key, problems)
         if meta.get("kind") not in IMAGE_KINDS:
             return None
         ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
@@ -232,9 +215,12 @@ class CheckedSamples:
             return None
         problems = decoded_image_problems(f"{key}.{ext}", image, self.longer_sides.get(url))
         if problems:
-            self.stats.skip(url, key, "invalid sample: " + "; ".join(f"{p.member}: {p.message}" for p in problems))
-            return None
+            return self.skip_invalid(url, key, problems)
         return {"__key__": key, "__url__": url, "image": image, "meta": meta, "txt": sample.get("txt")}
+
+    def skip_invalid(self, url: str, key: str, problems: list) -> None:
+        self.stats.skip(url, key, "invalid sample: " + "; ".join(
+            f"{p.member}: {p.message}" if p.member else p.message for p in problems))
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
         for sample in source:
@@ -256,11 +242,8 @@ def epoch_rng(purpose: str, seed: int, rank: int, epoch) -> random.Random:
 
 
 class PairTexts:
-    """Pipeline stage giving each image its text and both target vectors (the policy applied once, here).
-
-    The RNG is re-seeded at every pass from (seed, rank, dataloader worker, epoch), so pairings differ per
-    worker and per epoch yet repeat exactly across runs with the same seed.
-    """
+    """Pipeline stage giving each image its text and both target vectors (the policy applied once, here); pairings
+    are drawn with `epoch_rng`, so they differ per worker and epoch yet repeat exactly across runs."""
 
     def __init__(self, bank: SentenceBank, policy: str = "zeros", seed: int = 0, rank: int = 0, epoch=None) -> None:
         self.bank = bank
@@ -311,8 +294,8 @@ class SeededShuffle:
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        return hosted.piece("seeded_shuffle")(source, self.bufsize, self.initial, epoch_rng("shuffle", self.seed, self.rank,
-                                                                            self.epoch))
+        rng = epoch_rng("shuffle", self.seed, self.rank, self.epoch)
+        return hosted.piece("seeded_shuffle")(source, self.bufsize, self.initial, rng)
 
 
 class ToTrainingSample:
@@ -332,18 +315,11 @@ class ToTrainingSample:
 class BucketByLength:
     """`--medclip-text-bucket N`: length bucketing of the training stream, off by default.
 
-    Takes `pool` batches' worth of paired samples at a time, tokenizes their texts in one call (the rows travel on
-    as the samples' `tokens`, so `PackBatch` does not tokenize again), sorts them by token length (stable: equal
-    lengths keep the shuffle buffer's random order), cuts the sorted pool into runs of `batch_size` and yields the
-    runs in an order shuffled by an RNG seeded per (seed, rank, worker, epoch). `wds.batched` downstream cuts
-    exactly these runs, so each batch holds texts of similar length and its trimmed width shrinks.
-
-    Nothing is added or dropped: the samples of an epoch and its number of batches are those without bucketing.
-    `worker_batches` (the worker's batches per epoch, from `with_epoch`) is a quota of full batches carried across
-    the passes `with_epoch` repeats within an epoch, so no pool reaches into samples the epoch would not have used:
-    the last pool of an epoch (or of a pass that runs dry) is partial, and its trailing `len % batch_size` samples,
-    in stream order (what `batched(partial=False)` drops), stay out of the sort and come last. Bucketing changes
-    which negatives share a batch: sentences of similar length.
+    Tokenizes `pool` batches' worth of samples in one call (the rows travel on as `tokens`, so `PackBatch` does not
+    tokenize again), sorts them stably by token length, cuts them into the runs of `batch_size` that `wds.batched`
+    downstream cuts, and yields the runs in a seeded shuffled order. Nothing is added or dropped: `worker_batches`
+    (from `with_epoch`) is a quota of full batches carried across the passes of an epoch, so no pool reaches into
+    samples the epoch would not use; a partial pool's trailing `len % batch_size` samples stay unsorted, last.
     """
 
     def __init__(self, tokenizer: Callable, pool: int, batch_size: int, seed: int = 0, rank: int = 0, epoch=None,
@@ -424,17 +400,14 @@ class EpochReport:
         self.worker_batches = worker_batches
         self.epoch = epoch
 
-    def _epoch(self) -> int | None:
-        return epoch_value(self.epoch)
-
     def __call__(self, source: Iterable) -> Iterator:
         for batch in source:
             self.stats.batches += 1
             if self.worker_batches and self.stats.batches >= self.worker_batches:
-                self.stats.report(self._epoch())
+                self.stats.report(epoch_value(self.epoch))
             yield batch
         if not self.worker_batches:
-            self.stats.report(self._epoch())
+            self.stats.report(epoch_value(self.epoch))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -481,11 +454,9 @@ def get_medclip_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False
         ]
         return ShardReader(stats, failure_policy, shared_epoch), shuffle_stage, tail
 
-    info = hosted.piece("spliced_wds_dataset")(args, preprocess_img, is_train, epoch, floor, tokenizer, shards=plan.image_urls,
-                               weights=plan.image_weights, num_samples=plan.image_samples,
-                               build_stages=build_stages)
-    info.dataloader.medclip_plan = plan
-    return info
+    return hosted.piece("spliced_wds_dataset")(args, preprocess_img, is_train, epoch, floor, tokenizer,
+                                               shards=plan.image_urls, weights=plan.image_weights,
+                                               num_samples=plan.image_samples, build_stages=build_stages)
 
 
 def iter_pairs(urls: str, bank_data: str | None = None, policy: str = "zeros", seed: int = 0, epoch: int = 0,

@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip
 
     import open_clip_medclip  # noqa: F401  (registers the models)
-    from open_clip_medclip import models
-    from open_clip_medclip.text_width import text_multiple_for
+    from open_clip_medclip.text_width import text_multiple_for, text_pooler_type
 
     multiple = text_multiple_for(argparse.Namespace(model=args.model, medclip_text_multiple=args.text_multiple))
     if multiple <= 0:
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     check_width, counted = direct_step_flops(model, tokenizer, sentences, args.check_batch, size, multiple)
     predicted = args.check_batch * (towers.image() + towers.text(check_width)) + loss_flops(model, args.check_batch)
     padding_free = None
-    if models.pools_without_padding(model):
+    if text_pooler_type(model) == "medclip_masked_pooler":
         padding_free = padding_free_flops(model, towers, drawn, widths["trimmed"], args.check_batch)
         text_per_sample["padding_free"] = padding_free.pop("text_per_sample")
         per_sample["padding_free"] = image_per_sample + text_per_sample["padding_free"] + loss_per_sample
