@@ -140,10 +140,9 @@ def text_trunk_features(model: nn.Module, tokenizer: Callable, texts: Sequence[s
                         progress: Callable[[int], None] | None = None) -> np.ndarray:
     """(n, D) pooled text trunk features, in the order of `texts` (batched by length: less padding, same result
     for padding-free poolers; other poolers keep the tokenizer's width, as `eval.embed.embed_texts` does)."""
-    from open_clip_medclip.models import pools_without_padding
-    from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens
+    from open_clip_medclip.text_width import text_multiple, text_pooler_type, tokenizer_pad_id, trim_tokens
 
-    multiple = 8 if pools_without_padding(model) else 0
+    multiple = text_multiple(text_pooler_type(model), training=False)
     pad_id = tokenizer_pad_id(tokenizer)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if multiple else list(range(len(texts)))
     out = np.zeros((len(texts), 0), np.float32)

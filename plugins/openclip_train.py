@@ -225,7 +225,7 @@ class _Run:
 
         open_clip_train.data.get_dataset_fn = dataset_fn
         # a data refusal (e.g. no sentence bank) is one line on the host front door too, not the trainer's traceback
-        refusals = _refused_on_one_line() if self.front_door == "host" else contextlib.nullcontext()
+        refusals = host_args._refused_on_one_line() if self.front_door == "host" else contextlib.nullcontext()
         try:
             with refusals:
                 return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)

@@ -144,11 +144,10 @@ def embed_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str
     (rounded up to 8), which gives the same embeddings for less work; others keep the tokenizer's width (MedCLIP's
     reference pooler averages padding, so its embeddings depend on the width).
     """
-    from open_clip_medclip.models import pools_without_padding
-    from open_clip_medclip.text_width import tokenizer_pad_id, trim_tokens
+    from open_clip_medclip.text_width import text_multiple, text_pooler_type, tokenizer_pad_id, trim_tokens
 
     model = unwrap(model)
-    multiple = 8 if pools_without_padding(model) else 0
+    multiple = text_multiple(text_pooler_type(model), training=False)
     pad_id = tokenizer_pad_id(tokenizer)
     out = []
     for start in range(0, len(texts), batch_size):
