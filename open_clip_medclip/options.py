@@ -11,9 +11,23 @@ from open_clip_medclip.labels import DEFAULT_TRAINING_POLICY, TRAINING_POLICIES
 PREFIX = "medclip_"
 LOSS_KINDS = ("soft", "clip")  # --medclip-loss (loss.create_medclip_loss)
 LABEL_SIMILARITIES = ("dot", "cosine")  # --medclip-label-similarity (loss.label_similarity)
-# Defaults of the --medclip-shard-* options, sized for object stores: a failing shard is read 5 times within
-# ~15 s of backoff (1+2+4+8), a read stalled for 30 s fails, and a dead source stops the run within about a minute.
-SHARD_FAILURE_DEFAULTS = {"retries": 4, "timeout": 30.0, "backoff": 1.0, "max_failures": 3, "max_skipped": 0.05}
+# The --medclip-shard-* options (failing http(s), pipe: and fsspec shard sources: bounded retries, then a clean
+# stop; ShardFailurePolicy), as name: (default, metavar, help). The defaults are sized for object stores: a failing
+# shard is read 5 times within ~15 s of backoff (1+2+4+8), a read stalled for 30 s fails, and a dead source stops
+# the run within about a minute.
+SHARD_FAILURE_OPTIONS = {
+    "retries": (4, "N", "re-reads of a remote shard whose read fails (default {default}), waiting "
+                "--medclip-shard-backoff, then 2x, 4x ... seconds; samples already delivered are not repeated"),
+    "timeout": (30.0, "SECONDS", "an http(s) or pipe: shard read that gets no byte for this long fails (the pipe: "
+                "command is killed; default {default:g})"),
+    "backoff": (1.0, "SECONDS", "wait before the first retry, doubled at each next one, at most 60 (default "
+                "{default:g})"),
+    "max_failures": (3, "N", "stop the run when N remote shards in a row fail after their retries (default "
+                     "{default}); exit code 3, checkpoints kept, continue with --resume latest"),
+    "max_skipped": (0.05, "FRACTION", "stop the run when a loader worker skips more than this fraction of its shards "
+                    "in an epoch (default {default:g}; with few shards per worker, one failed shard stops it)"),
+}
+SHARD_FAILURE_DEFAULTS = {name: spec[0] for name, spec in SHARD_FAILURE_OPTIONS.items()}
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -25,9 +39,9 @@ def _option(default, help: str, **argparse_keywords):
     return field(default=default, metadata={"help": help, **argparse_keywords})
 
 
-def _shard_option(name: str, metavar: str, help: str):
-    """A `--medclip-shard-*` field: default and type from SHARD_FAILURE_DEFAULTS, `{default}` in `help` filled in."""
-    default = SHARD_FAILURE_DEFAULTS[name]
+def _shard_option(name: str):
+    """A `--medclip-shard-*` field from SHARD_FAILURE_OPTIONS (type from the default, `{default}` in help filled in)."""
+    default, metavar, help = SHARD_FAILURE_OPTIONS[name]
     return _option(default, type=type(default), metavar=metavar, help=help.format(default=default))
 
 
@@ -83,21 +97,11 @@ class MedclipOptions:
         None, action="append", metavar="SUITE",
         help="built evaluation suite (folder from `medclip eval build-suite`, repeatable) evaluated zero-shot on the "
         "master rank every --zeroshot-frequency epochs and at the end; metrics go to results.jsonl and tb/wandb")
-    # Failing shard sources (http(s), pipe:, fsspec URLs): bounded retries, then a clean stop (ShardFailurePolicy)
-    shard_retries: int = _shard_option(
-        "retries", "N", "re-reads of a remote shard whose read fails (default {default}), waiting "
-        "--medclip-shard-backoff, then 2x, 4x ... seconds; samples already delivered are not repeated")
-    shard_timeout: float = _shard_option(
-        "timeout", "SECONDS", "an http(s) or pipe: shard read that gets no byte for this long fails (the pipe: command "
-        "is killed; default {default:g})")
-    shard_backoff: float = _shard_option(
-        "backoff", "SECONDS", "wait before the first retry, doubled at each next one, at most 60 (default {default:g})")
-    shard_max_failures: int = _shard_option(
-        "max_failures", "N", "stop the run when N remote shards in a row fail after their retries (default "
-        "{default}); exit code 3, checkpoints kept, continue with --resume latest")
-    shard_max_skipped: float = _shard_option(
-        "max_skipped", "FRACTION", "stop the run when a loader worker skips more than this fraction of its shards in "
-        "an epoch (default {default:g}; with few shards per worker, one failed shard stops it)")
+    shard_retries: int = _shard_option("retries")
+    shard_timeout: float = _shard_option("timeout")
+    shard_backoff: float = _shard_option("backoff")
+    shard_max_failures: int = _shard_option("max_failures")
+    shard_max_skipped: float = _shard_option("max_skipped")
 
     @staticmethod
     def flag(name: str) -> str:
