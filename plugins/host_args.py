@@ -22,7 +22,8 @@ from open_clip_medclip.streams.faults import ShardSourceError, is_remote_url
 from open_clip_medclip.streams.plan import preflight_shards
 
 
-def _is_tar_data(path, dataset_type: str) -> bool:
+def is_tar_data(path, dataset_type: str) -> bool:
+    """Whether OpenCLIP reads `path` as webdataset tar shards (its `--dataset-type` rule)."""
     if dataset_type == "webdataset":
         return True
     return dataset_type == "auto" and isinstance(path, str) and path.split(".")[-1] == "tar"
@@ -72,7 +73,7 @@ def shard_carries_medclip_labels(url: str, timeout: float, max_members: int = 64
 def data_has_medclip_labels(args) -> tuple[bool, str | None]:
     """(are the data MedCLIP shards, the first shard looked at): `--train-data`, else `--val-data`."""
     data = getattr(args, "train_data", None) or getattr(args, "val_data", None)
-    if not data or not _is_tar_data(data, getattr(args, "dataset_type", "auto")):
+    if not data or not is_tar_data(data, getattr(args, "dataset_type", "auto")):
         return False, None
     try:
         urls, _ = open_clip_train.data.expand_urls(data)
@@ -98,7 +99,8 @@ def host_refusal(message: str, exit_code: int = USER_ERROR_EXIT_CODE):
 
 
 @contextlib.contextmanager
-def _refused_on_one_line():
+def refused_on_one_line():
+    """A `UserError` raised in the block becomes the host front door's one-line refusal (`host_refusal`)."""
     try:
         yield
     except UserError as exc:

@@ -169,7 +169,7 @@ class _Run:
         self.options.store(args)
         self.args = args
         data = args.train_data or args.val_data
-        if self.streams and host_args._is_tar_data(data, getattr(args, "dataset_type", "auto")):
+        if self.streams and host_args.is_tar_data(data, getattr(args, "dataset_type", "auto")):
             host_args.preflight(args, "medclip train")
         return args
 
@@ -219,13 +219,13 @@ class _Run:
             return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
 
         def dataset_fn(data_path, dataset_type):
-            if host_args._is_tar_data(data_path, dataset_type):
+            if host_args.is_tar_data(data_path, dataset_type):
                 return get_medclip_wds_dataset
             return _ORIGINAL.get_dataset_fn(data_path, dataset_type)
 
         open_clip_train.data.get_dataset_fn = dataset_fn
         # a data refusal (e.g. no sentence bank) is one line on the host front door too, not the trainer's traceback
-        refusals = host_args._refused_on_one_line() if self.front_door == "host" else contextlib.nullcontext()
+        refusals = host_args.refused_on_one_line() if self.front_door == "host" else contextlib.nullcontext()
         try:
             with refusals:
                 return _ORIGINAL.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
@@ -396,14 +396,14 @@ def host_parse_args(original: Callable, argv, namespace: dict):
         host_args.host_refusal(f"--medclip-padding-free: --model {args.model} averages padding in its text pooler "
                      "(medclip_pooler); padding-free needs medclip_masked_pooler (the medclip-*-masked models)")
     options.store(args)
-    if host_args._is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
-        with host_args._refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
+    if host_args.is_tar_data(args.train_data or args.val_data, getattr(args, "dataset_type", "auto")):
+        with host_args.refused_on_one_line():  # before the first shard is opened: "no such file", with the pattern
             check_shards_exist("--train-data", args.train_data)
             check_shards_exist("--val-data", args.val_data)
-    with host_args._refused_on_one_line():  # an unreadable first shard (server down): exit 3, not silently plain data
+    with host_args.refused_on_one_line():  # an unreadable first shard (server down): exit 3, not silently plain data
         labelled, url = host_args.data_has_medclip_labels(args)
     if labelled:
-        with host_args._refused_on_one_line():
+        with host_args.refused_on_one_line():
             host_args.preflight(args, "open_clip_train.main")
     note = None if labelled else (f"first shard {url}" if url else f"--train-data {args.train_data}")
     run = _Run(options, streams=labelled, data_note=note, front_door="host")

@@ -142,7 +142,7 @@ def test_a_stalled_pipe_command_is_killed_and_stops_the_stream(small_shards):
 def test_an_unreadable_first_shard_is_a_refusal_not_plain_data(server, small_shards, capsys):
     """The autoload reads the first shard to tell MedCLIP shards from plain OpenCLIP data; a shard server that
     answers 500 or is down used to make the run silently plain OpenCLIP data. Now: one line, exit 3."""
-    from open_clip_medclip.plugins.host_args import _refused_on_one_line, data_has_medclip_labels
+    from open_clip_medclip.plugins.host_args import data_has_medclip_labels, refused_on_one_line
 
     args = SimpleNamespace(train_data=_remote(server, small_shards), val_data=None, dataset_type="auto",
                            medclip_shard_timeout=2.0)
@@ -152,7 +152,7 @@ def test_an_unreadable_first_shard_is_a_refusal_not_plain_data(server, small_sha
                                                r"\.tar .*: OSError: HTTP 500"):
         data_has_medclip_labels(args)
     server.stop()
-    with pytest.raises(SystemExit) as stop, _refused_on_one_line():
+    with pytest.raises(SystemExit) as stop, refused_on_one_line():
         data_has_medclip_labels(args)
     line = capsys.readouterr().err.strip()
     assert stop.value.code == 3 and "\n" not in line
