@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from open_clip_medclip import hosted
 from open_clip_medclip.errors import USER_ERROR_EXIT_CODE, UserError, debug_requested
 
 PROG = "python -m open_clip_medclip.benchmark"
@@ -138,10 +139,7 @@ def run(argv: list[str]) -> int:
     argv, device = _pop([a for a in argv if a != "--debug"], "--device")
     if not argv or argv[0] != "eval" or any(a in ("-h", "--help") for a in argv):
         device = None  # help and `build` need no device
-    from open_clip_medclip.plugins import clip_benchmark as glue
-
-    cb_cli = glue.register()
-    glue.install_hooks()
+    cb_cli = hosted.piece("clip_benchmark_cli")()
     argv = prepare_argv(argv)
     saved = sys.argv
     sys.argv = ["clip_benchmark", *argv]  # CLIP_benchmark's parser reads sys.argv

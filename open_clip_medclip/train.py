@@ -25,6 +25,7 @@ import json
 import os
 import sys
 
+from open_clip_medclip import hosted
 from open_clip_medclip.errors import UserError, WorkNotDone, did_you_mean, resolve_device
 from open_clip_medclip.options import MedclipOptions
 
@@ -150,13 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = build_parser()
     medclip_args, trainer_argv = parser.parse_known_args(argv)
-    if medclip_args.help:  # the launcher (main) is the one place here that loads the trainer glue
-        from open_clip_medclip.plugins.host_args import trainer_parse_args
-
+    if medclip_args.help:
         parser.print_help()
         print("\nopen_clip_train options:\n")
         try:
-            trainer_parse_args(["--help"])
+            hosted.piece("trainer_parse_args")(["--help"])
         except SystemExit:
             pass
         return 0
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"removed": autoload.uninstall_autoload(medclip_args.autoload_site_dir)}))
         return 0
 
-    from open_clip_medclip.plugins import host_args, openclip_train, trainer_shims
-
-    _check_trainer_flags(trainer_argv, parser, host_args.trainer_parse_args)
+    _check_trainer_flags(trainer_argv, parser, hosted.piece("trainer_parse_args"))
     device = _flag_value(trainer_argv, "--device")
     if device is not None:
         resolve_device(device)  # the device policy of every command: a missing accelerator is a user error
@@ -182,14 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     check_model_name(_flag_value(trainer_argv, "--model") or "RN50")
 
     options = MedclipOptions.from_args(medclip_args)
-    hook = trainer_shims.suite_zero_shot_hook(options.zeroshot_suite) if options.zeroshot_suite else None
-    if hook is not None:
-        openclip_train.register_zero_shot_eval(hook)
-    try:
-        run = openclip_train.run_trainer(trainer_argv, options)
-    finally:
-        if hook is not None:
-            openclip_train.unregister_zero_shot_eval(hook)
+    run = hosted.piece("run_trainer")(trainer_argv, options)
     args = run.args
     check_work_done(run)
     if args is not None and getattr(args, "rank", 0) == 0 and getattr(args, "train_data", None):

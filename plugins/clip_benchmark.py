@@ -99,6 +99,13 @@ def register():
 # ----------------------------------------------------------------------------------------------------------------
 # Hooks: the suite's prompts for plain `clip_benchmark eval`, and no NaN metrics
 # ----------------------------------------------------------------------------------------------------------------
+def prepared_cli():
+    """`clip_benchmark.cli` with `--model_type medclip` registered and the hooks installed (the front door's piece)."""
+    cb_cli = register()
+    install_hooks()
+    return cb_cli
+
+
 def suite_templates(data_dir: str, name: str, classes) -> dict[str, list[str]] | None:
     """The class-specific prompts a built suite ships in `<data_dir>/custom_templates.json`, or None.
 

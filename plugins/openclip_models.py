@@ -248,17 +248,20 @@ def install() -> None:
         bert["config_names"].setdefault("token_embeddings_attr", "embeddings")
     timm_weights.install()  # offline pretrained timm towers (EfficientNet-Lite0 for medclip-demo)
     hosted.provide(gather_features=loss_module.gather_features, save_for_hf=save_for_hf,
-                   **{name: _data_piece(name) for name in ("shard_samples", "seeded_shuffle", "spliced_wds_dataset")})
+                   **{name: _lazy_piece("openclip_data", name)
+                      for name in ("shard_samples", "seeded_shuffle", "spliced_wds_dataset")},
+                   run_trainer=_lazy_piece("openclip_train", "run_trainer"),
+                   trainer_parse_args=_lazy_piece("host_args", "trainer_parse_args"),
+                   clip_benchmark_cli=_lazy_piece("clip_benchmark", "prepared_cli"))
     _INSTALLED = True
 
 
-def _data_piece(name: str) -> Callable:
-    """`plugins.openclip_data.<name>`, imported on the first call (it loads open_clip_train's data module)."""
+def _lazy_piece(module: str, name: str) -> Callable:
+    """`plugins.<module>.<name>`, imported on the first call (the trainer and CLIP_benchmark glue load their hosts,
+    which `import open_clip` alone must not)."""
 
     def call(*args, **kwargs):
-        from open_clip_medclip.plugins import openclip_data
-
-        return getattr(openclip_data, name)(*args, **kwargs)
+        return getattr(importlib.import_module(f"open_clip_medclip.plugins.{module}"), name)(*args, **kwargs)
 
     call.__name__ = name
     return call

@@ -357,9 +357,15 @@ class _ErrorLines:
 
 def run_trainer(trainer_argv: list[str], options: MedclipOptions) -> _Run:
     """`open_clip_train.main.main(trainer_argv)` with the MedCLIP entry points in place; the run says what
-    happened (`args`, `host_result`, `host_messages`, `epochs_run`, `steps`, `torch.saved`)."""
-    with patched_trainer(options) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
-        run.host_result = open_clip_train.main.main(trainer_argv)
+    happened (`args`, `host_result`, `host_messages`, `epochs_run`, `steps`, `torch.saved`). `--medclip-zeroshot-suite`
+    suites are evaluated through a zero-shot hook registered for the run."""
+    hook = register_zero_shot_eval(suite_zero_shot_hook(options.zeroshot_suite)) if options.zeroshot_suite else None
+    try:
+        with patched_trainer(options) as run, contextlib.redirect_stdout(_ErrorLines(sys.stdout, run.host_messages)):
+            run.host_result = open_clip_train.main.main(trainer_argv)
+    finally:
+        if hook is not None:
+            unregister_zero_shot_eval(hook)
     return run
 
 
